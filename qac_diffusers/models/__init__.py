@@ -1,0 +1,2 @@
+from .fsq_condition_encoder import FSQConditionEncoder, FSQConditionEncoderOutput, quantize, straight_through_quantize
+from .unet_2d_qac import CodeEmbedding, QACUNet2DModel

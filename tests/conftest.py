@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny CPU models, offline."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY_UNET_CONFIG = {
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": (16, 32),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 8,
+    "attention_head_dim": 8,
+}
+TINY_CODE_DIM = 6
+
+
+@pytest.fixture
+def tiny_unet_config():
+    return dict(TINY_UNET_CONFIG)
+
+
+def make_tiny_models(seed: int = 0, code_dim: int = TINY_CODE_DIM):
+    """A tiny QAC UNet with a random (non-zero) code embedding, and its encoder with non-uniform code weights."""
+    from qac_diffusers import FSQConditionEncoder, QACUNet2DModel
+
+    torch.manual_seed(seed)
+    unet = QACUNet2DModel(**TINY_UNET_CONFIG, code_dim=code_dim)
+    if code_dim == 0:
+        return unet.eval(), None
+    torch.nn.init.normal_(unet.code_embedding.linear_2.weight, std=0.5)
+    encoder = FSQConditionEncoder.for_unet(unet, code_dim=code_dim)
+    encoder.code_weights.copy_(torch.rand(encoder.codebook_size) ** 4)
+    return unet.eval(), encoder.eval()
+
+
+@pytest.fixture
+def tiny_models():
+    return make_tiny_models()

@@ -1,0 +1,129 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qac_diffusers import FSQConditionEncoder
+from qac_diffusers.models import quantize, straight_through_quantize
+
+
+def small_encoder(**kwargs):
+    config = {"in_channels": 1, "sample_size": 8, "block_out_channels": (8, 8), "norm_num_groups": 4, "code_dim": 4}
+    return FSQConditionEncoder(**{**config, **kwargs})
+
+
+def test_quantize_pinned_levels():
+    y = torch.tensor([-20.0, -0.1, 0.0, 0.1, 20.0, 100.0])
+    assert quantize(y, 2).tolist() == [0, 0, 1, 1, 1, 1]
+    # L = 3: floor(3 * sigmoid(y)) = floor(0.81), floor(1.5), floor(2.19), and 3 clamped to 2 where sigmoid(y) == 1.0
+    assert quantize(torch.tensor([-1.0, 0.0, 1.0, 100.0]), 3).tolist() == [0, 1, 2, 2]
+
+
+@pytest.mark.parametrize("straight_through", ["sigmoid", "identity"])
+def test_straight_through_value_and_gradient(straight_through):
+    y = torch.tensor([-3.0, -0.5, 0.5, 3.0], requires_grad=True)
+    y_q = straight_through_quantize(y, 2, straight_through)
+    assert y_q.tolist() == [0, 0, 1, 1]
+    y_q.sum().backward()
+    expected = torch.ones(4) if straight_through == "identity" else torch.sigmoid(y) * (1 - torch.sigmoid(y))
+    assert torch.allclose(y.grad, expected.detach())
+
+
+def test_index_round_trip_covers_the_codebook():
+    encoder = small_encoder(code_dim=4, code_levels=3)
+    indices = torch.arange(3**4)
+    codes = encoder.indices_to_codes(indices)
+    assert codes.shape == (81, 4)
+    assert torch.equal(encoder.codes_to_indices(codes), indices)
+    # Mixed radix, channel 0 least significant: 1 + 2*3 + 0*9 + 1*27 = 34
+    assert encoder.codes_to_indices(torch.tensor([[1.0, 2.0, 0.0, 1.0]])).item() == 34
+    assert encoder.indices_to_codes(torch.tensor(34)).tolist() == [1, 2, 0, 1]
+
+
+def test_forward_codes_indices_and_gradient():
+    torch.manual_seed(0)
+    encoder = small_encoder()
+    images = torch.rand(5, 1, 8, 8) * 2 - 1
+    output = encoder(images)
+    assert output.codes.shape == (5, 4) and output.indices.shape == (5,) and output.indices.dtype == torch.long
+    assert set(output.codes.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(output.codes, (output.pre_quantized >= 0).float())
+    assert torch.equal(output.indices, encoder.codes_to_indices(output.codes))
+    output.codes.sum().backward()
+    assert encoder.conv_in.weight.grad.abs().sum() > 0
+    codes, indices, pre_quantized = encoder(images, return_dict=False)
+    assert torch.equal(indices, output.indices)
+
+
+def test_update_code_weights_is_the_ema_of_the_batch_histogram():
+    encoder = small_encoder(code_dim=3)
+    encoder.update_code_weights(torch.tensor([1, 1, 3, 5]), decay=0.9)
+    expected = torch.zeros(8)
+    expected[[1, 3, 5]] = torch.tensor([0.5, 0.25, 0.25]) * 0.1
+    assert torch.allclose(encoder.code_weights, expected)
+    encoder.update_code_weights(torch.tensor([0, 0]), decay=0.5)
+    expected = expected * 0.5
+    expected[0] += 0.5
+    assert torch.allclose(encoder.code_weights, expected)
+    with pytest.raises(ValueError, match="decay"):
+        encoder.update_code_weights(torch.tensor([0]), decay=1.5)
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        encoder.update_code_weights(torch.tensor([8]), decay=0.5)
+
+
+def test_sample_indices_follows_the_weights_and_is_seeded():
+    encoder = small_encoder(code_dim=2)
+    with pytest.raises(ValueError, match="all zero"):
+        encoder.sample_indices(3)
+    encoder.code_weights.copy_(torch.tensor([0.0, 1.0, 0.0, 3.0]))
+    draws = encoder.sample_indices(20000, torch.Generator().manual_seed(0))
+    assert set(draws.unique().tolist()) == {1, 3}
+    assert abs((draws == 3).float().mean().item() - 0.75) < 0.02
+    again = encoder.sample_indices(20000, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+    per_image = encoder.sample_indices(2, [torch.Generator().manual_seed(s) for s in (0, 1)])
+    assert per_image[0] == encoder.sample_indices(1, torch.Generator().manual_seed(0))[0]
+    with pytest.raises(ValueError, match="one per sample"):
+        encoder.sample_indices(3, [torch.Generator()])
+
+
+def test_bad_indices_and_images_are_refused():
+    encoder = small_encoder(code_dim=2)
+    with pytest.raises(ValueError, match="integer"):
+        encoder.indices_to_codes(torch.tensor([1.0]))
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        encoder.indices_to_codes(torch.tensor([-1]))
+    with pytest.raises(ValueError, match=r"shape \(batch, 1, 8, 8\)"):
+        encoder(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"shape \(batch, 1, 8, 8\)"):
+        encoder(torch.zeros(1, 1, 16, 16))
+
+
+def test_codebook_limits():
+    with pytest.raises(ValueError, match="2\\*\\*24"):
+        small_encoder(code_dim=25, code_levels=2)
+    with pytest.raises(ValueError, match="code_levels"):
+        small_encoder(code_levels=1)
+    with pytest.raises(ValueError, match="straight_through"):
+        small_encoder(straight_through="tanh")
+    assert small_encoder(code_dim=20).code_weights.shape == (2**20,)
+
+
+def test_save_and_load_keep_code_weights_in_safetensors(tmp_path):
+    encoder = small_encoder(straight_through="identity")
+    encoder.code_weights.copy_(torch.rand(16))
+    encoder.save_pretrained(tmp_path)
+    assert torch.equal(load_file(tmp_path / "diffusion_pytorch_model.safetensors")["code_weights"], encoder.code_weights)
+    loaded = FSQConditionEncoder.from_pretrained(tmp_path)
+    assert torch.equal(loaded.code_weights, encoder.code_weights)
+    assert loaded.config.straight_through == "identity"
+    images = torch.rand(3, 1, 8, 8) * 2 - 1
+    assert torch.equal(loaded(images).indices, encoder(images).indices)
+
+
+def test_for_unet_is_a_small_share_of_the_denoiser(tiny_models):
+    unet, _ = tiny_models
+    encoder = FSQConditionEncoder.for_unet(unet, code_dim=20)
+    assert encoder.config.block_out_channels == (8, 8)
+    assert (encoder.config.in_channels, encoder.config.sample_size) == (1, 8)
+    share = sum(p.numel() for p in encoder.parameters()) / sum(p.numel() for p in unet.parameters())
+    assert share < 0.05
