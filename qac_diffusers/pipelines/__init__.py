@@ -1,0 +1,1 @@
+from .qac import QACPipeline, QACPipelineOutput

@@ -1,0 +1,1 @@
+from .pipeline_qac import QACPipeline, QACPipelineOutput

@@ -1,0 +1,229 @@
+# Copyright 2026 The qac-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""Few-step unconditional sampling with quantized adaptive conditions (DESIGN.md section 6)."""
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
+
+from ...models import FSQConditionEncoder, QACUNet2DModel
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from qac_diffusers import QACPipeline
+
+        >>> pipe = QACPipeline.from_pretrained("path/or/user-repo")  # a folder written by train_qac.py, or a Hub id
+        >>> output = pipe(batch_size=16, num_inference_steps=6, generator=torch.Generator().manual_seed(0))
+        >>> output.images[0].save("sample.png")
+        >>> output.code_indices  # the code each image was conditioned on
+        ```
+"""
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@dataclass
+class QACPipelineOutput(BaseOutput):
+    """
+    Output of [`QACPipeline`].
+
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` of shape `(batch, height, width, channels)` or `torch.Tensor` of
+            shape `(batch, channels, height, width)`): The generated images, in [0, 1] for `"np"` and `"pt"`.
+        code_indices (`torch.LongTensor` of shape `(batch,)` or `None`): The code each image was conditioned on;
+            `None` for an unconditional baseline.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    code_indices: torch.LongTensor | None
+
+
+class QACPipeline(DiffusionPipeline):
+    r"""
+    Pipeline for unconditional image generation with quantized adaptive conditions: draw a code from the encoder's
+    code weights, then solve the probability-flow ODE of the code-conditioned EDM denoiser.
+
+    Parameters:
+        unet ([`QACUNet2DModel`]): The code-conditioned denoiser F (EDM preconditioning is done by the scheduler).
+        scheduler ([`SchedulerMixin`]): An EDM-style scheduler: [`IPNDMScheduler`] (default), or diffusers'
+            [`EDMEulerScheduler`] / [`EDMDPMSolverMultistepScheduler`].
+        encoder ([`FSQConditionEncoder`], *optional*): Encodes images to codes and holds the code weights. `None`
+            for the unconditional baseline (a `unet` with `code_dim=0`).
+    """
+
+    model_cpu_offload_seq = "encoder->unet"
+    _optional_components = ["encoder"]
+
+    def __init__(self, unet: QACUNet2DModel, scheduler: SchedulerMixin, encoder: FSQConditionEncoder | None = None):
+        super().__init__()
+        _check_components(unet, encoder)
+        self.register_modules(unet=unet, scheduler=scheduler, encoder=encoder)
+        self.image_processor = VaeImageProcessor(do_resize=False)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "QACPipeline":
+        """
+        Load a pipeline from a local folder or a Hub repo id.
+
+        diffusers' own download step only knows diffusers' and transformers' classes, so a repo id is resolved here
+        with `huggingface_hub.snapshot_download` (which also serves the offline cache), then loaded from that folder.
+        The download keyword arguments (`revision`, `cache_dir`, `token`, `local_files_only`, `force_download`) go to
+        the download; all others to [`DiffusionPipeline.from_pretrained`].
+        """
+        folder = str(pretrained_model_name_or_path)
+        if not os.path.isdir(folder):
+            download_kwargs = {
+                key: kwargs.pop(key)
+                for key in ("revision", "cache_dir", "token", "local_files_only", "force_download")
+                if key in kwargs
+            }
+            folder = snapshot_download(folder, **download_kwargs)
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            raise OSError(
+                f"{folder} has no model_index.json: it is not a saved pipeline. Point to the folder written by "
+                "`QACPipeline.save_pretrained` or train_qac.py."
+            )
+        return super().from_pretrained(folder, **kwargs)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images this pipeline makes."""
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return self.unet.config.in_channels, height, width
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor | PIL.Image.Image | list[PIL.Image.Image]) -> torch.LongTensor:
+        """
+        The code indices of images, so that `pipe(code_indices=pipe.encode(images))` makes more images like them.
+
+        Args:
+            images (`torch.Tensor` of shape `(batch, channels, height, width)` in [-1, 1], or PIL image(s)): Images of
+                the pipeline's size; PIL images are converted to its channel count.
+
+        Returns:
+            `torch.LongTensor` of shape `(batch,)`.
+        """
+        if self.encoder is None:
+            raise ValueError("This pipeline is unconditional (no encoder): it has no codes to encode images to.")
+        pixels = self.images_to_tensor(images).to(device=self._execution_device, dtype=self.encoder.dtype)
+        return self.encoder(pixels).indices
+
+    def images_to_tensor(self, images: torch.Tensor | PIL.Image.Image | list[PIL.Image.Image]) -> torch.Tensor:
+        """PIL image(s) to a `(batch, channels, height, width)` tensor in [-1, 1]; tensors are checked and returned."""
+        if isinstance(images, PIL.Image.Image):
+            images = [images]
+        if isinstance(images, list):
+            mode = "L" if self.image_shape[0] == 1 else "RGB"
+            arrays = [np.asarray(image.convert(mode), dtype=np.float32) / 127.5 - 1 for image in images]
+            images = torch.from_numpy(np.stack(arrays)).reshape(len(arrays), *arrays[0].shape[:2], -1).permute(0, 3, 1, 2)
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(
+                f"Expected images of shape (batch, {', '.join(map(str, self.image_shape))}) in [-1, 1] or PIL images of "
+                f"size {self.image_shape[2]}x{self.image_shape[1]}, got {got}."
+            )
+        return images
+
+    def check_inputs(self, batch_size, num_inference_steps, generator, code_indices, latents, output_type) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` (the number of UNet calls) must be an integer >= 1, got {num_inference_steps!r}.")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"Got a list of {len(generator)} generators for batch_size={batch_size}: pass one per image.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if latents is not None and tuple(latents.shape) != (batch_size, *self.image_shape):
+            raise ValueError(f"`latents` must have shape {(batch_size, *self.image_shape)}, got {tuple(latents.shape)}.")
+        if code_indices is not None:
+            if self.encoder is None:
+                raise ValueError("This pipeline is unconditional (no encoder): `code_indices` must be None.")
+            if not isinstance(code_indices, torch.Tensor) or tuple(code_indices.shape) != (batch_size,):
+                got = tuple(code_indices.shape) if isinstance(code_indices, torch.Tensor) else type(code_indices).__name__
+                raise ValueError(f"`code_indices` must be a tensor of shape ({batch_size},) (one per image), got {got}.")
+            self.encoder.check_indices(code_indices)
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 6,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        code_indices: torch.LongTensor | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> QACPipelineOutput | tuple:
+        r"""
+        Generate images.
+
+        Args:
+            batch_size (`int`, defaults to 1): The number of images.
+            num_inference_steps (`int`, defaults to 6): The number of UNet evaluations (NFE) with [`IPNDMScheduler`];
+                with other schedulers, their own `num_inference_steps`.
+            generator (`torch.Generator` or a list of `batch_size` of them, *optional*): Makes generation
+                deterministic. The noise is drawn before the codes, so the same seed with other `code_indices` keeps
+                the noise.
+            code_indices (`torch.LongTensor` of shape `(batch_size,)`, *optional*): The codes to condition on (e.g.
+                from [`encode`]); drawn from the encoder's code weights when `None`.
+            latents (`torch.Tensor` of shape `(batch_size, channels, height, width)`, *optional*): Standard normal
+                noise to start from, scaled by the scheduler's `init_noise_sigma`; drawn with `generator` when `None`.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` or `"pt"`.
+            return_dict (`bool`, defaults to `True`): Return a [`QACPipelineOutput`] instead of a tuple.
+
+        Examples:
+
+        Returns:
+            [`QACPipelineOutput`] or `tuple` `(images, code_indices)`.
+        """
+        self.check_inputs(batch_size, num_inference_steps, generator, code_indices, latents, output_type)
+        device = self._execution_device
+
+        # 1. Noise, then the codes (so a fixed seed keeps the noise whatever the codes are)
+        if latents is None:
+            latents = randn_tensor((batch_size, *self.image_shape), generator=generator, device=device)
+        if self.encoder is not None and code_indices is None:
+            code_indices = self.encoder.sample_indices(batch_size, generator)
+        code = None if self.encoder is None else self.encoder.indices_to_codes(code_indices.to(device))
+
+        # 2. The schedule; the latents start at the scheduler's first noise level
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        sample = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
+
+        # 3. Solve the probability-flow ODE
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(sample, t).to(self.unet.dtype)
+            model_output = self.unet(model_input, t, code=code).sample
+            sample = self.scheduler.step(model_output, t, sample).prev_sample
+
+        # 4. Post-process
+        images = self.image_processor.postprocess(sample, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, code_indices
+        return QACPipelineOutput(images=images, code_indices=code_indices)
+
+
+def _check_components(unet: QACUNet2DModel, encoder: FSQConditionEncoder | None) -> None:
+    code_dim = unet.config.code_dim
+    if encoder is None and code_dim > 0:
+        raise ValueError(f"The unet is conditioned on codes (code_dim={code_dim}): pass the FSQConditionEncoder.")
+    if encoder is not None and code_dim == 0:
+        raise ValueError("The unet is unconditional (code_dim=0): pass `encoder=None`.")
+    if encoder is not None and (encoder.config.code_dim, encoder.config.code_levels) != (code_dim, unet.config.code_levels):
+        raise ValueError(
+            f"The encoder makes codes with code_dim={encoder.config.code_dim}, code_levels={encoder.config.code_levels}"
+            f" but the unet takes code_dim={code_dim}, code_levels={unet.config.code_levels}."
+        )

@@ -1,0 +1,1 @@
+from .image_grid import image_grid

@@ -1,0 +1,192 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DiffusionPipeline, EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+
+from conftest import make_tiny_models
+from qac_diffusers import IPNDMScheduler, QACPipeline
+from qac_diffusers.utils import image_grid
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_pipeline(code_dim: int = 6) -> QACPipeline:
+    unet, encoder = make_tiny_models(code_dim=code_dim)
+    pipe = QACPipeline(unet=unet, scheduler=IPNDMScheduler(), encoder=encoder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_pipeline()
+
+
+def test_output_types_and_pinned_values(pipe):
+    output = pipe(batch_size=2, generator=seeded(), output_type="np")
+    assert output.images.shape == (2, 8, 8, 1) and output.images.dtype == np.float32
+    assert output.code_indices.tolist() == [31, 8]
+    expected = np.array([0.16169, 0.10352, 0.39419, 0.44699, 0.00103, 0.41227, 0.16091, 0.0, 0.76536])
+    assert np.allclose(output.images[0, :3, :3, 0].flatten(), expected, atol=1e-4)
+    tensor = pipe(batch_size=2, generator=seeded(), output_type="pt").images
+    assert tensor.shape == (2, 1, 8, 8) and torch.allclose(tensor.permute(0, 2, 3, 1), torch.from_numpy(output.images))
+    pil = pipe(batch_size=2, generator=seeded()).images
+    assert len(pil) == 2 and pil[0].mode == "L" and pil[0].size == (8, 8)
+    images, code_indices = pipe(batch_size=2, generator=seeded(), output_type="np", return_dict=False)
+    assert np.array_equal(images, output.images) and torch.equal(code_indices, output.code_indices)
+
+
+def test_exactly_num_inference_steps_unet_calls(pipe):
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        for nfe in (1, 3, 6):
+            calls.clear()
+            pipe(batch_size=1, num_inference_steps=nfe, generator=seeded(), output_type="pt")
+            assert len(calls) == nfe
+    finally:
+        hook.remove()
+
+
+def test_generator_list_gives_per_image_reproducibility(pipe):
+    batch = pipe(batch_size=2, generator=[seeded(3), seeded(4)], output_type="pt")
+    single = pipe(batch_size=1, generator=[seeded(4)], output_type="pt")
+    assert torch.allclose(batch.images[1], single.images[0], atol=1e-6)
+    assert batch.code_indices[1] == single.code_indices[0]
+
+
+def test_code_indices_and_latents_are_used(pipe):
+    codes = torch.tensor([5, 5])
+    output = pipe(batch_size=2, generator=seeded(), code_indices=codes, output_type="pt")
+    assert torch.equal(output.code_indices, codes)
+    # The noise is drawn before the codes: the same seed with given codes starts from the same latents.
+    latents = torch.randn(2, 1, 8, 8, generator=seeded())
+    from_latents = pipe(batch_size=2, latents=latents, code_indices=codes, output_type="pt")
+    assert torch.allclose(output.images, from_latents.images, atol=1e-6)
+    other_code = pipe(batch_size=2, latents=latents, code_indices=torch.tensor([40, 40]), output_type="pt")
+    assert not torch.allclose(other_code.images, output.images)
+
+
+def test_encode_tensor_and_pil_agree_and_make_more_like_them(pipe):
+    images = pipe(batch_size=3, generator=seeded(1), output_type="pt").images * 2 - 1
+    indices = pipe.encode(images)
+    pil_images = [PIL.Image.fromarray(np.uint8(((image[0] + 1) * 127.5).round().numpy())) for image in images]
+    assert torch.equal(pipe.encode(pil_images), indices)
+    assert torch.equal(pipe(batch_size=3, code_indices=indices, output_type="pt").code_indices, indices)
+
+
+@pytest.mark.parametrize("scheduler_class", [EDMEulerScheduler, EDMDPMSolverMultistepScheduler, IPNDMScheduler])
+def test_runs_with_each_edm_scheduler(scheduler_class):
+    pipe = make_pipeline()
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    output = pipe(batch_size=2, num_inference_steps=4, generator=seeded(), output_type="pt")
+    assert output.images.shape == (2, 1, 8, 8)
+    assert torch.isfinite(output.images).all() and output.images.std() > 0
+
+
+def test_save_and_load_restore_everything(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    model_index = json.loads((tmp_path / "model_index.json").read_text())
+    assert model_index["unet"] == ["qac_diffusers.models.unet_2d_qac", "QACUNet2DModel"]
+    assert model_index["encoder"] == ["qac_diffusers.models.fsq_condition_encoder", "FSQConditionEncoder"]
+    assert model_index["scheduler"] == ["qac_diffusers.schedulers.scheduling_ipndm", "IPNDMScheduler"]
+    assert sorted(p.name for p in tmp_path.rglob("*.safetensors")) == ["diffusion_pytorch_model.safetensors"] * 2
+    assert not list(tmp_path.rglob("*.bin"))
+    loaded = QACPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(loaded.encoder.code_weights, pipe.encoder.code_weights)
+    before = pipe(batch_size=4, generator=seeded(7), output_type="pt")
+    after = loaded(batch_size=4, generator=seeded(7), output_type="pt")
+    assert torch.equal(before.images, after.images) and torch.equal(before.code_indices, after.code_indices)
+
+
+def test_fresh_process_loads_the_folder_through_the_generate_script(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "model")
+    out = tmp_path / "grid.png"
+    command = [sys.executable, str(REPO_ROOT / "pipelines" / "generate.py"), "--model", str(tmp_path / "model"),
+               "--num_images", "4", "--steps", "3", "--out", str(out), "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    expected = image_grid(pipe(batch_size=4, num_inference_steps=3, generator=seeded(0)).images)
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(expected))
+
+
+def test_custom_pipeline_entry_file(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(
+        tmp_path, custom_pipeline=str(REPO_ROOT / "pipelines" / "qac_pipeline.py"), trust_remote_code=True
+    )
+    assert type(loaded).__name__ == "QACPipeline"
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(loaded(batch_size=2, generator=seeded(), output_type="pt").images,
+                       pipe(batch_size=2, generator=seeded(), output_type="pt").images)
+
+
+def test_unconditional_baseline_pipeline(tmp_path):
+    pipe = make_pipeline(code_dim=0)
+    assert pipe.encoder is None
+    output = pipe(batch_size=2, generator=seeded(), output_type="pt")
+    assert output.code_indices is None and output.images.shape == (2, 1, 8, 8)
+    pipe.save_pretrained(tmp_path)
+    loaded = QACPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.encoder is None
+    assert torch.equal(loaded(batch_size=2, generator=seeded(), output_type="pt").images, output.images)
+    with pytest.raises(ValueError, match="unconditional"):
+        pipe(batch_size=1, code_indices=torch.tensor([0]))
+    with pytest.raises(ValueError, match="unconditional"):
+        pipe.encode(torch.zeros(1, 1, 8, 8))
+
+
+def test_mismatched_components_are_refused():
+    unet, encoder = make_tiny_models()
+    baseline_unet, _ = make_tiny_models(code_dim=0)
+    with pytest.raises(ValueError, match="pass the FSQConditionEncoder"):
+        QACPipeline(unet=unet, scheduler=IPNDMScheduler())
+    with pytest.raises(ValueError, match="pass `encoder=None`"):
+        QACPipeline(unet=baseline_unet, scheduler=IPNDMScheduler(), encoder=encoder)
+    _, other_encoder = make_tiny_models(code_dim=5)
+    with pytest.raises(ValueError, match="code_dim=5"):
+        QACPipeline(unet=unet, scheduler=IPNDMScheduler(), encoder=other_encoder)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_inference_steps": 0}, "must be an integer >= 1"),
+        ({"batch_size": 0}, "positive integer"),
+        ({"output_type": "latent"}, "must be one of"),
+        ({"generator": [torch.Generator()]}, "one per image"),
+        ({"code_indices": torch.tensor([0, 64])}, r"\[0, 64\)"),
+        ({"code_indices": torch.tensor([0, 1, 2])}, r"shape \(2,\)"),
+        ({"code_indices": [0, 1]}, r"shape \(2,\)"),
+        ({"code_indices": torch.tensor([0.0, 1.0])}, "integer"),
+        ({"latents": torch.zeros(2, 3, 8, 8)}, r"shape \(2, 1, 8, 8\)"),
+    ],
+)
+def test_bad_call_arguments(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(**{"batch_size": 2, **kwargs})
+
+
+def test_bad_images_to_encode(pipe):
+    with pytest.raises(ValueError, match=r"shape \(batch, 1, 8, 8\)"):
+        pipe.encode(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="size 8x8"):
+        pipe.encode([PIL.Image.new("L", (16, 16))])
+
+
+def test_folder_without_a_pipeline_is_an_os_error(tmp_path):
+    with pytest.raises(OSError, match="no model_index.json"):
+        QACPipeline.from_pretrained(tmp_path)
