@@ -1,0 +1,8 @@
+from .data import (
+    ImageTransform,
+    collate_images,
+    infer_num_channels,
+    load_animal_mnist_dataset,
+    load_digits_dataset,
+    load_image_dataset,
+)
