@@ -43,3 +43,5 @@ def make_tiny_models(seed: int = 0, code_dim: int = TINY_CODE_DIM):
 @pytest.fixture
 def tiny_models():
     return make_tiny_models()
+
+from hub_server import fake_hub  # noqa: E402, F401  (the loopback Hub fixture)

@@ -190,3 +190,20 @@ def test_bad_images_to_encode(pipe):
 def test_folder_without_a_pipeline_is_an_os_error(tmp_path):
     with pytest.raises(OSError, match="no model_index.json"):
         QACPipeline.from_pretrained(tmp_path)
+
+
+def test_repo_id_loads_through_the_hub_and_then_from_the_offline_cache(pipe, fake_hub, tmp_path):
+    from huggingface_hub import HfApi
+
+    pipe.save_pretrained(tmp_path)
+    api = HfApi()
+    repo_id = api.create_repo("tiny-qac").repo_id
+    api.upload_folder(repo_id=repo_id, folder_path=tmp_path)
+    expected = pipe(batch_size=2, generator=seeded(), output_type="pt").images
+    online = QACPipeline.from_pretrained(repo_id)
+    online.set_progress_bar_config(disable=True)
+    assert torch.equal(online(batch_size=2, generator=seeded(), output_type="pt").images, expected)
+    with fake_hub.offline(stop_server=True):
+        cached = QACPipeline.from_pretrained(repo_id)
+    cached.set_progress_bar_config(disable=True)
+    assert torch.equal(cached(batch_size=2, generator=seeded(), output_type="pt").images, expected)
