@@ -1,0 +1,4 @@
+from .scheduling_ipndm import IPNDMScheduler, IPNDMSchedulerOutput
+
+
+__all__ = ["IPNDMScheduler", "IPNDMSchedulerOutput"]
