@@ -1,0 +1,15 @@
+from .feature_networks import (
+    ClassifierFeatures,
+    FeatureNetwork,
+    InceptionFeatures,
+    extract_features,
+    train_feature_classifier,
+)
+from .frechet import (
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_from_images,
+    frechet_distance_from_statistics,
+    kernel_inception_distance,
+    kernel_inception_distance_from_images,
+)
