@@ -1,0 +1,233 @@
+# Copyright 2026 The qac-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""The model card of a trained pipeline and its upload to the Hugging Face Hub (DESIGN.md section 1).
+
+The card follows diffusers' training scripts (`diffusers.utils.hub_utils.load_or_create_model_card`): a
+`huggingface_hub.ModelCard` rendered from a Jinja template with `ModelCardData` as its YAML metadata. The template is
+the repository's `model_cards/qac_model_card.md`; an installed wheel ships it as `qac_diffusers/model_cards/`.
+"""
+
+import glob
+import json
+import os
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+from .data import BUILTIN_DATASETS
+
+TEMPLATE_NAME = "qac_model_card.md"
+TAGS = ["qac", "diffusers", "diffusers-training", "unconditional-image-generation"]
+# What `qac_diffusers.training.code_usage.code_usage` returns; the card shows all of it.
+CODE_USAGE_KEYS = ("codes_used", "entropy_bits", "perplexity", "largest_share", "codes_for_half_weight")
+TRAINING_FACT_KEYS = ("steps", "images_seen", "final_loss")
+# Top-level files uploaded beside the pipeline's component folders: the card, sample grids, model_index.json and the
+# training configuration; hidden names (.tmp-* files being written) excluded. Anything else (checkpoint-*, logs/,
+# temporary folders, optimizer states) stays local.
+UPLOADED_SUFFIXES = (".png", ".json")
+CARD_NAME = "README.md"
+
+
+def default_template_path() -> Path:
+    """The card template: in `qac_diffusers/model_cards/` when installed from a wheel, else in the repository's
+    top-level `model_cards/` (a source checkout or an editable install)."""
+    package_root = Path(__file__).resolve().parents[1]
+    installed = package_root / "model_cards" / TEMPLATE_NAME
+    return installed if installed.is_file() else package_root.parent / "model_cards" / TEMPLATE_NAME
+
+
+def _check_output_dir(output_dir: str | os.PathLike) -> Path:
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise OSError(
+            f"{output_dir} does not exist or is not a folder. Save the trained pipeline there first with "
+            "`pipeline.save_pretrained(output_dir)`."
+        )
+    if not (output_dir / "model_index.json").is_file():
+        raise OSError(
+            f"{output_dir} has no model_index.json: it holds no saved pipeline. Call "
+            "`pipeline.save_pretrained(output_dir)` before writing the card or pushing."
+        )
+    return output_dir
+
+
+def _check_keys(name: str, values: dict, required: tuple[str, ...]) -> None:
+    missing = [key for key in required if key not in values]
+    if missing:
+        raise ValueError(f"`{name}` lacks {missing}: it must hold {list(required)}.")
+
+
+def _check_card_inputs(
+    code_usage: dict | None, training_facts: dict, sample_grid: str | None, is_baseline: bool
+) -> None:
+    if is_baseline and code_usage is not None:
+        raise ValueError("A baseline has no codes: pass `code_usage=None` with `is_baseline=True`.")
+    if not is_baseline and code_usage is None:
+        raise ValueError(
+            "A QAC model's card shows its code usage: pass `code_usage=code_usage(pipeline.encoder.code_weights)`, "
+            "or `is_baseline=True` for a pipeline without encoder."
+        )
+    if code_usage is not None:
+        _check_keys("code_usage", code_usage, CODE_USAGE_KEYS)
+    _check_keys("training_facts", training_facts, TRAINING_FACT_KEYS)
+    if sample_grid is not None and (Path(sample_grid).name != sample_grid or not sample_grid.endswith(".png")):
+        raise ValueError(
+            f"`sample_grid` must name a .png file at the top of output_dir (only those are uploaded), "
+            f"got {sample_grid!r}."
+        )
+
+
+def _dataset_fields(dataset_name: str) -> dict[str, str]:
+    """How the card names the data: a built-in name, a Hub id (linked) or a local folder (its name only, no path)."""
+    if dataset_name in BUILTIN_DATASETS:
+        return {"dataset_kind": "builtin", "dataset_name": dataset_name}
+    if os.path.isdir(dataset_name):
+        return {"dataset_kind": "folder", "dataset_name": Path(dataset_name).resolve().name}
+    return {"dataset_kind": "hub", "dataset_name": dataset_name}
+
+
+def write_model_card(
+    output_dir: str | os.PathLike,
+    *,
+    repo_id: str,
+    dataset_name: str,
+    training_config: dict,
+    code_usage: dict | None,
+    training_facts: dict,
+    sample_grid: str | None = "samples.png",
+    license: str = "apache-2.0",
+    is_baseline: bool = False,
+    template_path: str | os.PathLike | None = None,
+) -> Path:
+    r"""
+    Write the model card (README.md) of a saved pipeline, as diffusers' training scripts do.
+
+    Args:
+        output_dir (`str` or `os.PathLike`):
+            The folder the pipeline was saved to with `save_pretrained`; the card is written there.
+        repo_id (`str`):
+            The full Hub repo id ("user/name"), used in the card's title and usage snippet.
+        dataset_name (`str`):
+            What the model was trained on: a built-in name ("digits", "animal-mnist"), a Hub data set id (listed in
+            the card's `datasets` metadata and linked) or a local image folder (named, its path left out).
+        training_config (`dict`):
+            The resolved training configuration, shown as JSON (other values, e.g. paths, with `str`, as
+            train_qac.py writes training_config.json). Leave secrets such as `hub_token` out: the card is public.
+        code_usage (`dict`, *optional*):
+            `qac_diffusers.training.code_usage.code_usage` of the published code weights; `None` for a baseline.
+        training_facts (`dict`):
+            At least `steps`, `images_seen` and `final_loss`; every entry is shown.
+        sample_grid (`str`, *optional*, defaults to `"samples.png"`):
+            A PNG file name at the top of `output_dir`, shown in the card when the file exists.
+        license (`str`, *optional*, defaults to `"apache-2.0"`):
+            The license in the card's metadata.
+        is_baseline (`bool`, *optional*, defaults to `False`):
+            Whether the pipeline is the unconditional baseline (no encoder); adds the `baseline` tag.
+        template_path (`str` or `os.PathLike`, *optional*):
+            A Jinja template to render instead of [`default_template_path`].
+
+    Returns:
+        `Path`: the path of the written README.md.
+
+    Raises:
+        `OSError`: if `output_dir` does not exist or holds no model_index.json.
+        `ValueError`: if `code_usage` does not fit `is_baseline`, lacks a key, `training_facts` lacks a key, or
+        `sample_grid` is not a top-level PNG file name.
+    """
+    output_dir = _check_output_dir(output_dir)
+    _check_card_inputs(code_usage, training_facts, sample_grid, is_baseline)
+    dataset = _dataset_fields(dataset_name)
+    card_data = ModelCardData(
+        license=license,
+        library_name="diffusers",
+        pipeline_tag="unconditional-image-generation",
+        tags=TAGS + (["baseline"] if is_baseline else []),
+        datasets=[dataset_name] if dataset["dataset_kind"] == "hub" else None,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=template_path or default_template_path(),
+        repo_id=repo_id,
+        is_baseline=is_baseline,
+        sample_grid=sample_grid if sample_grid and (output_dir / sample_grid).is_file() else None,
+        training_facts=training_facts,
+        code_usage=code_usage,
+        training_config_json=json.dumps(training_config, indent=2, default=str),
+        **dataset,
+    )
+    card_path = output_dir / CARD_NAME
+    card.save(card_path)
+    return card_path
+
+
+def _is_uploaded_file(path: Path) -> bool:
+    hidden = path.name.startswith(".")
+    return path.is_file() and not hidden and (path.name == CARD_NAME or path.suffix in UPLOADED_SUFFIXES)
+
+
+def _upload_patterns(output_dir: Path) -> list[str]:
+    """`allow_patterns` for `upload_folder`: the component folders named in model_index.json and the top-level
+    README.md, PNG and JSON files that are not hidden (exact names, escaped: a `*.png` pattern would also match
+    inside subfolders, since fnmatch's `*` matches "/")."""
+    model_index = json.loads((output_dir / "model_index.json").read_text(encoding="utf-8"))
+    components = [
+        f"{name}/*" for name, value in model_index.items() if isinstance(value, list) and value[0] is not None
+    ]
+    top_level = [glob.escape(path.name) for path in sorted(output_dir.iterdir()) if _is_uploaded_file(path)]
+    return top_level + components
+
+
+def _check_token_not_published(output_dir: Path, token: str) -> None:
+    """Refuse to upload a top-level file that holds the token, e.g. a `--hub_token` recorded in the training config."""
+    for path in sorted(output_dir.iterdir()):
+        if _is_uploaded_file(path) and token.encode() in path.read_bytes():
+            raise ValueError(
+                f"{path} holds the Hub token, which the upload would publish. Leave the token out of it (e.g. drop "
+                "`hub_token` from the training configuration), write it again, and revoke the token if it was shared."
+            )
+
+
+def push_to_hub(
+    output_dir: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload QAC pipeline trained with train_qac.py",
+) -> str:
+    r"""
+    Create the Hub repo (if needed) and upload a saved pipeline with its card, sample grid and training configuration.
+
+    Only what `QACPipeline.from_pretrained` needs is uploaded (model_index.json and the folders of its components),
+    plus the top-level README.md, PNG and JSON files; checkpoint-* folders, logs/, temporary folders and every other
+    training-only file stay local.
+
+    Args:
+        output_dir (`str` or `os.PathLike`):
+            The folder the pipeline was saved to; call [`write_model_card`] first so that it holds README.md.
+        repo_id (`str`):
+            The repo id; without a namespace ("name") it goes to the token's user.
+        token (`str`, *optional*):
+            The Hub token; defaults to the client's (`HF_TOKEN` or `hf auth login`).
+        private (`bool`, *optional*, defaults to `False`):
+            Whether a newly created repo is private; an existing repo keeps its visibility.
+        commit_message (`str`, *optional*):
+            The message of the upload commit.
+
+    Returns:
+        `str`: the full repo id ("user/name"), ready for `QACPipeline.from_pretrained`.
+
+    Raises:
+        `OSError`: if `output_dir` does not exist or holds no model_index.json.
+        `ValueError`: if a top-level file to upload holds the `token` passed (nothing is created or uploaded then).
+    """
+    output_dir = _check_output_dir(output_dir)
+    if token is not None:
+        _check_token_not_published(output_dir, token)
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=output_dir,
+        commit_message=commit_message,
+        allow_patterns=_upload_patterns(output_dir),
+    )
+    return repo_id
