@@ -7,7 +7,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    packages=find_packages(include=["qac_diffusers", "qac_diffusers.*"]),
+    # The model card template lives in the top-level model_cards/ and is installed as qac_diffusers/model_cards/.
+    packages=find_packages(include=["qac_diffusers", "qac_diffusers.*"]) + ["qac_diffusers.model_cards"],
+    package_dir={"qac_diffusers.model_cards": "model_cards"},
+    package_data={"qac_diffusers.model_cards": ["*.md"]},
     python_requires=">=3.10",
     # torch is deliberately unpinned: install the build that fits your machine (CPU or CUDA) first.
     install_requires=[
@@ -23,8 +26,9 @@ setup(
         "Pillow>=9.0",
         "scikit-learn>=1.2",
         "tqdm>=4.60",
+        "tensorboard>=2.12",
     ],
     extras_require={
-        "dev": ["pytest>=7", "matplotlib>=3.6", "tensorboard>=2.12"],
+        "dev": ["pytest>=7", "matplotlib>=3.6"],
     },
 )

@@ -6,3 +6,4 @@ from .data import (
     load_digits_dataset,
     load_image_dataset,
 )
+from .hub import default_template_path, push_to_hub, write_model_card

@@ -1,0 +1,502 @@
+# Copyright 2026 The qac-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""Train a diffusion model with quantized adaptive conditions (QAC), or its unconditional baseline.
+
+    accelerate launch train_qac.py --output_dir qac-digits                      # embedded digits, tiny preset
+    accelerate launch train_qac.py --dataset_name user/data --preset cifar10 --mixed_precision bf16 ...
+    accelerate launch train_qac.py --no_condition --output_dir baseline-digits  # the same UNet without codes
+
+Modelled on diffusers' examples/unconditional_image_generation/train_unconditional.py (flags, hooks, checkpoints,
+trackers) and NVlabs' EDM training loop (the loss, the EMA by half-life, the resolved config written as JSON).
+Every random draw of a step is a function of (seed, step), so a resumed run repeats the uninterrupted one exactly and
+a multi-process run sees the same global batches as a one-process run.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from copy import deepcopy
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from huggingface_hub import create_repo
+from tqdm.auto import tqdm
+
+from qac_diffusers import FSQConditionEncoder, IPNDMScheduler, QACPipeline, QACUNet2DModel
+from qac_diffusers.training import ImageTransform, collate_images, infer_num_channels, load_image_dataset
+from qac_diffusers.training.code_usage import batch_code_usage, code_usage
+from qac_diffusers.training.edm_loss import EDMLoss
+from qac_diffusers.training.ema import ema_decay, update_ema
+from qac_diffusers.training.hub import push_to_hub, write_model_card
+from qac_diffusers.training.presets import PRESETS, resolve_model_config
+from qac_diffusers.utils import image_grid
+
+logger = get_logger(__name__, log_level="INFO")
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TEMPORARY_PREFIX = ".tmp-"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data (default: the embedded scikit-learn digits)")
+    data.add_argument("--dataset_name", help="A Hub data set id, a local data set path, 'digits' or 'animal-mnist'.")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--train_data_dir", help="A folder of images (datasets' imagefolder).")
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--cache_dir")
+    data.add_argument("--resolution", type=int, help="Image size; defaults to the preset's.")
+    data.add_argument("--center_crop", action="store_true")
+    data.add_argument("--random_flip", action="store_true")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    model.add_argument("--model_config", help="JSON file overriding the preset: resolution, code_dim, unet, encoder.")
+    model.add_argument("--code_dim", type=int, help="d, bits of the code (L=2); defaults to the preset's.")
+    model.add_argument("--code_levels", type=int, default=2, help="L, levels per code channel.")
+    model.add_argument("--straight_through", choices=["sigmoid", "identity"], default="sigmoid")
+    model.add_argument("--no_condition", action="store_true", help="Train the unconditional baseline.")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", default="qac-model")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--train_batch_size", type=int, default=128, help="Per device.")
+    train.add_argument("--max_train_steps", type=int, default=3000, help="Optimizer steps.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--learning_rate", type=float, default=2e-3)
+    train.add_argument("--lr_scheduler", default="constant_with_warmup", help="Any of diffusers.optimization's.")
+    train.add_argument("--lr_warmup_steps", type=int, default=100, help="Learning-rate ramp-up.")
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_epsilon", type=float, default=1e-8)
+    train.add_argument("--adam_weight_decay", type=float, default=0.0)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--P_mean", type=float, default=-1.2)
+    train.add_argument("--P_std", type=float, default=1.2)
+    train.add_argument("--ema_halflife_kimg", type=float, default=500.0)
+    train.add_argument("--ema_rampup_ratio", type=float, default=0.05, help="Negative: no ramp-up.")
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="Defaults to accelerate's config.")
+    train.add_argument("--allow_tf32", action="store_true")
+
+    logs = parser.add_argument_group("logging, checkpoints, Hub")
+    logs.add_argument("--report_to", default="tensorboard", help="An accelerate tracker, or 'none'.")
+    logs.add_argument("--logging_dir", default="logs")
+    logs.add_argument("--validation_steps", type=int, default=500, help="Sample a grid every N steps.")
+    logs.add_argument("--num_validation_images", type=int, default=64)
+    logs.add_argument("--validation_nfe", type=int, default=6)
+    logs.add_argument("--checkpointing_steps", type=int, default=1000)
+    logs.add_argument("--checkpoints_total_limit", type=int)
+    logs.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder.")
+    logs.add_argument("--push_to_hub", action="store_true")
+    logs.add_argument("--hub_model_id", help="Defaults to the output folder's name.")
+    logs.add_argument("--hub_token")
+    logs.add_argument("--hub_private_repo", action="store_true")
+    logs.add_argument("--dry_run", action="store_true", help="Resolve and check everything, then stop.")
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse contradictory or impossible flags before anything is loaded."""
+    if args.dataset_name and args.train_data_dir:
+        raise ValueError("Give --dataset_name or --train_data_dir, not both.")
+    if args.no_condition and (args.code_dim is not None or args.straight_through != "sigmoid" or args.code_levels != 2):
+        raise ValueError("--no_condition trains without codes: drop --code_dim, --code_levels and --straight_through.")
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "validation_steps",
+                 "checkpointing_steps", "num_validation_images", "validation_nfe"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.")
+    if args.report_to == "wandb" and args.hub_token is not None:
+        raise ValueError("--hub_token with --report_to=wandb would expose the token: use `hf auth login` instead.")
+    if (args.hub_model_id or args.hub_token or args.hub_private_repo) and not args.push_to_hub:
+        raise ValueError("--hub_model_id, --hub_token and --hub_private_repo need --push_to_hub.")
+
+
+def resolve_checkpoint(args: argparse.Namespace) -> Path | None:
+    """The checkpoint folder to resume from, or None ('latest' with no checkpoint yet starts a new run)."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(Path(args.output_dir))
+        return checkpoints[-1] if checkpoints else None
+    path = Path(args.resume_from_checkpoint)
+    if not (path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and (path / "unet").is_dir()):
+        raise ValueError(
+            f"--resume_from_checkpoint {path} is not a checkpoint folder (a '{CHECKPOINT_PREFIX}N' folder written by "
+            "this script). Pass one of those, or 'latest'."
+        )
+    return path
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoints in `output_dir`, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def build_models(args: argparse.Namespace, model_config: dict, channels: int):
+    """The QAC UNet (code_dim 0 for the baseline) and its encoder (None for the baseline)."""
+    resolution = model_config["resolution"]
+    levels = len(model_config["unet"]["block_out_channels"])
+    if resolution % 2 ** (levels - 1):
+        raise ValueError(
+            f"--resolution {resolution} cannot go through the UNet's {levels} levels: it must be divisible by "
+            f"{2 ** (levels - 1)}."
+        )
+    code_dim = 0 if args.no_condition else model_config["code_dim"]
+    unet = QACUNet2DModel(
+        sample_size=resolution, in_channels=channels, out_channels=channels, **model_config["unet"],
+        code_dim=code_dim, code_levels=args.code_levels,
+    )
+    if args.no_condition:
+        return unet, None
+    encoder = FSQConditionEncoder.for_unet(
+        unet, code_dim=code_dim, code_levels=args.code_levels, straight_through=args.straight_through,
+        **model_config["encoder"],
+    )
+    return unet, encoder
+
+
+def step_generator(seed: int, step: int, micro_step: int) -> torch.Generator:
+    """The random source of one micro-batch: a pure function of (seed, step, micro-step)."""
+    state = np.random.SeedSequence([seed, step, micro_step]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def process_slice(tensor: torch.Tensor, accelerator: Accelerator, batch: int) -> torch.Tensor:
+    """This process's rows of a tensor drawn for the whole global micro-batch."""
+    start = accelerator.process_index * batch
+    return tensor[start : start + batch].to(accelerator.device)
+
+
+class Trainer:
+    """The training state and loop: models, EMA copies, optimizer, data, checkpoints."""
+
+    def __init__(self, args: argparse.Namespace, accelerator: Accelerator, model_config: dict, dataset, channels: int):
+        self.args = args
+        self.accelerator = accelerator
+        self.output_dir = Path(args.output_dir)
+        unet, encoder = build_models(args, model_config, channels)
+        self.ema_unet = deepcopy(unet).requires_grad_(False)
+        self.ema_encoder = None if encoder is None else deepcopy(encoder).requires_grad_(False)
+        self.scheduler = IPNDMScheduler()
+        self.loss_fn = EDMLoss(self.scheduler, P_mean=args.P_mean, P_std=args.P_std)
+        self.models = [unet] + ([encoder] if encoder is not None else [])
+        parameters = [p for model in self.models for p in model.parameters()]
+        optimizer = torch.optim.Adam(
+            parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+            weight_decay=args.adam_weight_decay,
+        )
+        self.transform = ImageTransform(
+            model_config["resolution"], channels, args.center_crop, args.random_flip, seed=args.seed,
+            image_column=args.image_column,
+        )
+        dataloader = torch.utils.data.DataLoader(
+            dataset.with_transform(self.transform), batch_size=args.train_batch_size, shuffle=True, drop_last=True,
+            collate_fn=collate_images, num_workers=args.dataloader_num_workers,
+        )
+        if len(dataloader) < accelerator.num_processes:
+            raise ValueError(
+                f"The data set ({len(dataset)} images) gives fewer batches of {args.train_batch_size} than there are "
+                f"processes ({accelerator.num_processes}): lower --train_batch_size."
+            )
+        lr_scheduler = get_scheduler(
+            args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=args.max_train_steps * accelerator.num_processes,
+        )
+        *self.models, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
+            *self.models, optimizer, dataloader, lr_scheduler
+        )
+        self.ema_unet.to(accelerator.device)
+        if self.ema_encoder is not None:
+            self.ema_encoder.to(accelerator.device)
+        accelerator.register_save_state_pre_hook(self.save_model_hook)
+        accelerator.register_load_state_pre_hook(self.load_model_hook)
+        self.global_step = 0
+        self.global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+
+    @property
+    def unet(self):
+        return self.models[0]
+
+    @property
+    def encoder(self):
+        return self.models[1] if len(self.models) > 1 else None
+
+    # ----- checkpoints -------------------------------------------------------------------------------------------
+    def save_model_hook(self, models, weights, output_dir):
+        if self.accelerator.is_main_process:
+            for model in models:
+                model.save_pretrained(os.path.join(output_dir, self.component_name(model)))
+                weights.pop()
+            self.ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            if self.ema_encoder is not None:
+                self.ema_encoder.save_pretrained(os.path.join(output_dir, "encoder_ema"))
+
+    def load_model_hook(self, models, input_dir):
+        while models:
+            model = models.pop()
+            loaded = type(model).from_pretrained(input_dir, subfolder=self.component_name(model))
+            model.load_state_dict(loaded.state_dict())
+        self.ema_unet.load_state_dict(QACUNet2DModel.from_pretrained(input_dir, subfolder="unet_ema").state_dict())
+        if self.ema_encoder is not None:
+            ema_encoder = FSQConditionEncoder.from_pretrained(input_dir, subfolder="encoder_ema")
+            self.ema_encoder.load_state_dict(ema_encoder.state_dict())
+
+    @staticmethod
+    def component_name(model) -> str:
+        return "encoder" if isinstance(model, FSQConditionEncoder) else "unet"
+
+    def save_checkpoint(self) -> None:
+        """Write to a temporary folder, then rename: a run killed mid-save leaves the last good checkpoint intact."""
+        accelerator, args = self.accelerator, self.args
+        final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.global_step}"
+        temporary = self.output_dir / f"{TEMPORARY_PREFIX}{final.name}"
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temporary, final)
+            if args.checkpoints_total_limit is not None:
+                for old in list_checkpoints(self.output_dir)[: -args.checkpoints_total_limit]:
+                    shutil.rmtree(old)
+            logger.info(f"Saved {final}")
+        accelerator.wait_for_everyone()
+
+    def resume(self, checkpoint: Path) -> None:
+        self.accelerator.load_state(str(checkpoint))
+        self.global_step = int(checkpoint.name[len(CHECKPOINT_PREFIX):])
+        logger.info(f"Resumed from {checkpoint} at step {self.global_step}")
+
+    # ----- training ----------------------------------------------------------------------------------------------
+    def micro_batch_loss(self, images: torch.Tensor, micro_step: int):
+        """The EDM loss of one micro-batch, and its code indices gathered over all processes (None for baseline)."""
+        accelerator = self.accelerator
+        global_shape = (images.shape[0] * accelerator.num_processes, *images.shape[1:])
+        sigma, noise = self.loss_fn.sample_noise(global_shape, step_generator(self.args.seed, self.global_step, micro_step))
+        sigma, noise = (process_slice(t, accelerator, images.shape[0]) for t in (sigma, noise))
+        code, indices, stats = None, None, {}
+        if self.encoder is not None:
+            encoded = self.encoder(images)
+            code, indices = encoded.codes, accelerator.gather(encoded.indices)
+            stats = batch_code_usage(indices, accelerator.gather(encoded.pre_quantized))
+        loss = self.loss_fn(self.unet, images, sigma, noise, code=code)
+        return loss, indices, stats
+
+    def optimizer_step_done(self, indices: list[torch.Tensor]) -> float:
+        """After an optimizer step: the parameter EMA and the code weights, with one decay mu."""
+        cur_nimg = self.global_step * self.global_batch
+        rampup = self.args.ema_rampup_ratio if self.args.ema_rampup_ratio >= 0 else None
+        decay = ema_decay(cur_nimg, self.global_batch, self.args.ema_halflife_kimg, rampup)
+        update_ema(self.ema_unet, self.accelerator.unwrap_model(self.unet), decay)
+        if self.ema_encoder is not None:
+            update_ema(self.ema_encoder, self.accelerator.unwrap_model(self.encoder), decay)
+            self.ema_encoder.update_code_weights(torch.cat(indices), decay)
+        return decay
+
+    def train(self, checkpoint: Path | None) -> dict:
+        args, accelerator = self.args, self.accelerator
+        if checkpoint is not None:
+            self.resume(checkpoint)
+        steps_per_epoch = len(self.dataloader) // args.gradient_accumulation_steps
+        progress = tqdm(range(args.max_train_steps), initial=self.global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+        metrics_file = self.output_dir / args.logging_dir / "metrics.jsonl"
+        facts = {}
+        while self.global_step < args.max_train_steps:
+            epoch, skip = divmod(self.global_step, steps_per_epoch)
+            self.dataloader.set_epoch(epoch)
+            self.transform.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(self.dataloader, skip * args.gradient_accumulation_steps)
+            facts = self.train_epoch(batches, progress, metrics_file) or facts
+        progress.close()
+        return facts
+
+    def train_epoch(self, batches, progress, metrics_file) -> dict:
+        args, accelerator = self.args, self.accelerator
+        indices, losses, micro_step, started, facts = [], [], 0, time.perf_counter(), {}
+        for images in batches:
+            with accelerator.accumulate(*self.models):
+                loss, batch_indices, stats = self.micro_batch_loss(images, micro_step)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_([p for m in self.models for p in m.parameters()], args.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            losses.append(accelerator.gather(loss.detach()).mean().item())
+            if batch_indices is not None:
+                indices.append(batch_indices)
+            if not accelerator.sync_gradients:
+                continue
+            self.global_step += 1
+            decay = self.optimizer_step_done(indices)
+            facts = {
+                "step": self.global_step,
+                "loss": float(np.mean(losses)),
+                "lr": self.lr_scheduler.get_last_lr()[0],
+                "kimg": self.global_step * self.global_batch / 1000,
+                "ema_decay": decay,
+                "images_per_second": self.global_batch / (time.perf_counter() - started),
+                **stats,
+            }
+            self.log(facts, metrics_file)
+            progress.update(1)
+            progress.set_postfix(loss=f"{facts['loss']:.4f}", img_s=f"{facts['images_per_second']:.0f}")
+            indices, losses, micro_step, started = [], [], 0, time.perf_counter()
+            if self.global_step % args.checkpointing_steps == 0:
+                self.save_checkpoint()
+            if self.global_step % args.validation_steps == 0:
+                self.validate()
+            if self.global_step >= args.max_train_steps:
+                break
+        return facts
+
+    # ----- logging and outputs -----------------------------------------------------------------------------------
+    def log(self, facts: dict, metrics_file: Path) -> None:
+        self.accelerator.log(facts, step=self.global_step)
+        if self.accelerator.is_main_process:
+            metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(metrics_file, "a", encoding="utf-8") as file:
+                file.write(json.dumps(facts) + "\n")
+
+    def pipeline(self) -> QACPipeline:
+        pipeline = QACPipeline(unet=self.ema_unet, scheduler=self.scheduler, encoder=self.ema_encoder)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def sample_grid(self):
+        """A grid of validation samples from the EMA models (fixed seed, `--validation_nfe` UNet calls)."""
+        generator = torch.Generator(self.accelerator.device).manual_seed(self.args.seed)
+        images = self.pipeline()(
+            batch_size=self.args.num_validation_images, num_inference_steps=self.args.validation_nfe,
+            generator=generator, output_type="pil",
+        ).images
+        return image_grid(images, tile_size=max(32, images[0].width))
+
+    def validate(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        grid = self.sample_grid()
+        folder = self.output_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        grid.save(folder / f"step-{self.global_step:07d}.png")
+        usage = {} if self.ema_encoder is None else code_usage(self.ema_encoder.code_weights)
+        self.accelerator.log({f"code_weights/{key}": value for key, value in usage.items()}, step=self.global_step)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                array = np.asarray(grid.convert("RGB"))
+                tracker.writer.add_images("validation", array[None], self.global_step, dataformats="NHWC")
+
+    def processes_in_sync(self) -> bool:
+        """Whether every process holds the same parameters (a checksum of each process's models, compared)."""
+        models = [self.ema_unet, *map(self.accelerator.unwrap_model, self.models)]
+        vector = torch.cat([p.detach().double().flatten() for model in models for p in model.parameters()])
+        positions = torch.linspace(1.0, 2.0, vector.numel(), dtype=torch.float64, device=vector.device)
+        checksum = torch.stack([vector.sum(), (vector * positions).sum()]).reshape(1, 2)
+        checksums = self.accelerator.gather(checksum)
+        return bool((checksums == checksums[0]).all())
+
+    def save_final(self, facts: dict, dataset_name: str, training_config: dict) -> None:
+        """The EMA pipeline, a sample grid and the model card in output_dir; pushed to the Hub when asked."""
+        facts = {**facts, "processes_in_sync": self.processes_in_sync()}
+        if not facts["processes_in_sync"]:
+            logger.warning("The processes hold different parameters: the distributed setup is broken.")
+        if not self.accelerator.is_main_process:
+            return
+        args = self.args
+        self.pipeline().save_pretrained(self.output_dir)
+        self.sample_grid().save(self.output_dir / "samples.png")
+        usage = None if self.ema_encoder is None else code_usage(self.ema_encoder.code_weights)
+        summary = {"training_facts": facts, "code_usage": usage}
+        (self.output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        repo_id = args.hub_model_id or self.output_dir.resolve().name
+        if args.push_to_hub:  # the card's usage snippet needs the full "user/name" id
+            repo_id = create_repo(repo_id, exist_ok=True, private=args.hub_private_repo, token=args.hub_token).repo_id
+        card_facts = {"steps": facts["step"], "images_seen": facts["step"] * self.global_batch,
+                      "final_loss": facts["loss"], "processes_in_sync": facts["processes_in_sync"]}
+        write_model_card(
+            self.output_dir, repo_id=repo_id, dataset_name=dataset_name, training_config=training_config,
+            code_usage=usage, training_facts=card_facts, is_baseline=self.ema_encoder is None,
+        )
+        print(f"Saved the pipeline, samples.png and README.md in {self.output_dir}")
+        if usage is not None:
+            print("Code usage: " + ", ".join(f"{key} {value:.4g}" for key, value in usage.items()))
+        if args.push_to_hub:
+            push_to_hub(self.output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
+            print(f"Pushed to the Hub repo {repo_id}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_args(args)
+    model_config = resolve_model_config(args.preset, args.model_config)
+    if args.resolution is not None:
+        model_config["resolution"] = args.resolution
+    if args.code_dim is not None:
+        model_config["code_dim"] = args.code_dim
+    checkpoint = resolve_checkpoint(args)
+    dataset = load_image_dataset(
+        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column, args.cache_dir
+    )
+    channels = infer_num_channels(dataset, args.image_column)
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    trainer = Trainer(args, accelerator, model_config, dataset, channels)
+    public_args = {key: value for key, value in vars(args).items() if key != "hub_token"}  # never write the token
+    training_config = {
+        "args": public_args,
+        "model": model_config,
+        "data": {"images": len(dataset), "channels": channels},
+        "num_processes": accelerator.num_processes,
+        "global_batch": trainer.global_batch,
+        "parameters": {"unet": trainer.ema_unet.num_parameters(),
+                       "encoder": 0 if trainer.ema_encoder is None else trainer.ema_encoder.num_parameters()},
+    }
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "training_config.json").write_text(json.dumps(training_config, indent=2, default=str))
+        print(json.dumps(training_config, indent=2, default=str))
+    if args.dry_run:
+        print(f"Dry run: configuration checked and written to {output_dir / 'training_config.json'}.")
+        return
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("train_qac", config={k: v for k, v in public_args.items() if v is not None})
+
+    facts = trainer.train(checkpoint)
+    accelerator.wait_for_everyone()
+    trainer.save_final(facts, args.dataset_name or args.train_data_dir or "digits", training_config)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
