@@ -3,5 +3,5 @@
 __version__ = "0.1.0"
 
 from .models import CodeEmbedding, FSQConditionEncoder, FSQConditionEncoderOutput, QACUNet2DModel
-from .pipelines import QACPipeline, QACPipelineOutput
+from .pipelines import QACImageEditPipeline, QACImageEditPipelineOutput, QACPipeline, QACPipelineOutput
 from .schedulers import IPNDMScheduler, IPNDMSchedulerOutput

@@ -1,1 +1,10 @@
-from .qac import QACPipeline, QACPipelineOutput
+from .qac import (
+    LinearDegradation,
+    QACImageEditPipeline,
+    QACImageEditPipelineOutput,
+    QACPipeline,
+    QACPipelineOutput,
+    colorization,
+    inpainting,
+    super_resolution,
+)

@@ -43,6 +43,22 @@ _ADAMS_BASHFORTH_WEIGHTS = {
 }
 
 
+def karras_sigmas(num_points: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+    """
+    The polynomial noise schedule of Karras et al. 2022 (eq. 5; k-diffusion's `get_sigmas_karras`) without a final 0:
+    sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..N-1.
+
+    Args:
+        num_points (`int`): N; for N = 1 the only point is `sigma_max`.
+
+    Returns:
+        `torch.Tensor` of shape `(N,)`, float64, from `sigma_max` down to `sigma_min`.
+    """
+    ramp = torch.linspace(0, 1, num_points, dtype=torch.float64)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
 def adams_bashforth_weights(order: int) -> tuple[float, ...]:
     """
     Fixed-step Adams-Bashforth weights, as in iPNDM (Zhang & Chen 2023, appendix).
@@ -374,8 +390,7 @@ class IPNDMScheduler(SchedulerMixin, ConfigMixin):
 
         num_points = self.num_inference_steps + (2 if self.config.analytical_first_step else 1)
         num_polynomial_points = num_points - 1 if self.config.final_sigmas_type == "zero" else num_points
-        ramp = torch.linspace(0, 1, num_polynomial_points, dtype=torch.float64)
-        sigmas = self._compute_karras_sigmas(ramp)
+        sigmas = karras_sigmas(num_polynomial_points, self.config.sigma_min, self.config.sigma_max, self.config.rho)
         if self.config.final_sigmas_type == "zero":
             sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
         self.sigmas = sigmas.to(torch.float32)  # kept on the CPU to avoid too much CPU/GPU communication
@@ -387,26 +402,6 @@ class IPNDMScheduler(SchedulerMixin, ConfigMixin):
         self.lower_order_nums = 0
         self._step_index = None
         self._begin_index = None
-
-    # Copied from diffusers.schedulers.scheduling_edm_euler.EDMEulerScheduler._compute_karras_sigmas (without the
-    # sigma_min/sigma_max overrides), itself from k-diffusion's `get_sigmas_karras`
-    def _compute_karras_sigmas(self, ramp: torch.Tensor) -> torch.Tensor:
-        """
-        Construct the noise schedule of [Karras et al. (2022)](https://huggingface.co/papers/2206.00364).
-
-        Args:
-            ramp (`torch.Tensor`):
-                A tensor of values in [0, 1] representing the interpolation positions.
-
-        Returns:
-            `torch.Tensor`:
-                The computed Karras sigma schedule.
-        """
-        rho = self.config.rho
-        min_inv_rho = self.config.sigma_min ** (1 / rho)
-        max_inv_rho = self.config.sigma_max ** (1 / rho)
-        sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-        return sigmas
 
     def index_for_timestep(
         self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None
