@@ -34,9 +34,10 @@ class FSQConditionEncoderOutput(BaseOutput):
             The encoder output y before quantization (useful to watch |y| during training).
     """
 
+    # Defaults let diffusers' BaseOutput be rebuilt from a dict, as accelerate does under mixed precision.
     codes: torch.Tensor
-    indices: torch.LongTensor
-    pre_quantized: torch.Tensor
+    indices: torch.LongTensor = None
+    pre_quantized: torch.Tensor = None
 
 
 def quantize(y: torch.Tensor, code_levels: int) -> torch.Tensor:

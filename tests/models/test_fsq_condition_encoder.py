@@ -54,6 +54,15 @@ def test_forward_codes_indices_and_gradient():
     assert torch.equal(indices, output.indices)
 
 
+def test_output_survives_accelerate_mixed_precision_conversion():
+    from accelerate.utils.operations import convert_to_fp32
+
+    output = small_encoder()(torch.rand(2, 1, 8, 8))
+    converted = convert_to_fp32(output)
+    assert type(converted) is type(output)
+    assert torch.equal(converted.indices, output.indices) and torch.equal(converted.codes, output.codes)
+
+
 def test_update_code_weights_is_the_ema_of_the_batch_histogram():
     encoder = small_encoder(code_dim=3)
     encoder.update_code_weights(torch.tensor([1, 1, 3, 5]), decay=0.9)
