@@ -37,3 +37,62 @@ def batch_code_usage(indices: torch.Tensor, pre_quantized: torch.Tensor) -> dict
         "batch_largest_share": counts.max().item() / indices.numel(),
         "mean_abs_y": pre_quantized.detach().abs().mean().item(),
     }
+
+
+def cumulative_shares(code_weights: torch.Tensor) -> torch.Tensor:
+    """
+    The share of the total weight carried by the 1, 2, 3, ... most used codes.
+
+    Args:
+        code_weights (`torch.Tensor` of shape `(codebook_size,)`): Code weights or any histogram over the codebook.
+
+    Returns:
+        `torch.Tensor` of shape `(codes_used,)`, float64, increasing to 1; entry n - 1 is the share of the top n codes.
+    """
+    weights = _collected_weights(code_weights)
+    ordered = weights[weights > 0].sort(descending=True).values
+    # Sum the raw weights before normalising, so that e.g. 9 / 10 is the nearest float to 0.9.
+    return ordered.cumsum(0) / ordered.sum()
+
+
+def codes_for_share(code_weights: torch.Tensor, share: float) -> int:
+    """
+    How few codes carry at least `share` of the weight (the most used ones); `share=0.5` gives `code_usage`'s
+    `codes_for_half_weight`.
+
+    Args:
+        code_weights (`torch.Tensor` of shape `(codebook_size,)`): Code weights or any histogram over the codebook.
+        share (`float`): The share of the total weight, in (0, 1].
+    """
+    if not 0 < share <= 1:
+        raise ValueError(f"`share` must lie in (0, 1], got {share}.")
+    cumulative = cumulative_shares(code_weights)
+    # The last entry may round to just below 1: never count more codes than are used.
+    return min(int((cumulative < share).sum().item()) + 1, cumulative.numel())
+
+
+def top_codes(code_weights: torch.Tensor, k: int) -> tuple[torch.LongTensor, torch.Tensor]:
+    """
+    The `k` most used codes, by decreasing weight (ties: lower index first); fewer when fewer codes are used.
+
+    Args:
+        code_weights (`torch.Tensor` of shape `(codebook_size,)`): Code weights or any histogram over the codebook.
+        k (`int`): How many codes.
+
+    Returns:
+        `tuple` `(indices, shares)`: `torch.LongTensor` of code indices and their float64 shares of the total weight.
+    """
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+    weights = _collected_weights(code_weights)
+    ordered, indices = weights.sort(descending=True, stable=True)
+    used = min(k, int((weights > 0).sum().item()))
+    return indices[:used], ordered[:used] / weights.sum()
+
+
+def _collected_weights(code_weights: torch.Tensor) -> torch.Tensor:
+    """The weights as a flat float64 tensor; a `ValueError` if they are all zero."""
+    weights = code_weights.detach().double().flatten()
+    if not weights.sum() > 0:
+        raise ValueError("The code weights are all zero: no code usage was collected, so there is nothing to rank.")
+    return weights

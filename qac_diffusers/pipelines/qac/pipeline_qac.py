@@ -3,6 +3,7 @@
 
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import PIL.Image
@@ -41,7 +42,8 @@ class QACPipelineOutput(BaseOutput):
         images (`list[PIL.Image.Image]`, `np.ndarray` of shape `(batch, height, width, channels)` or `torch.Tensor` of
             shape `(batch, channels, height, width)`): The generated images, in [0, 1] for `"np"` and `"pt"`.
         code_indices (`torch.LongTensor` of shape `(batch,)` or `None`): The code each image was conditioned on;
-            `None` for an unconditional baseline.
+            `None` for an unconditional baseline, and for [`~QACPipeline.interpolate`]'s `"linear"` path (whose
+            inner points are not codes).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -118,6 +120,207 @@ class QACPipeline(DiffusionPipeline):
             raise ValueError("This pipeline is unconditional (no encoder): it has no codes to encode images to.")
         pixels = self.images_to_tensor(images).to(device=self._execution_device, dtype=self.encoder.dtype)
         return self.encoder(pixels).indices
+
+    # Code-controlled generation: variations of a reference image, interpolation between two codes.
+
+    def _sample(
+        self, latents: torch.Tensor, code: torch.Tensor | None, num_inference_steps: int, output_type: str
+    ) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
+        """
+        Steps 2-4 of [`__call__`]: solve the probability-flow ODE from standard normal `latents` conditioned on `code`
+        (float levels of shape `(batch, code_dim)` on the execution device, not necessarily integers; `None` for the
+        baseline) and post-process the result.
+        """
+        device = self._execution_device
+
+        # 2. The schedule; the latents start at the scheduler's first noise level
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        sample = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
+
+        # 3. Solve the probability-flow ODE
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(sample, t).to(self.unet.dtype)
+            model_output = self.unet(model_input, t, code=code).sample
+            sample = self.scheduler.step(model_output, t, sample).prev_sample
+
+        # 4. Post-process
+        images = self.image_processor.postprocess(sample, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return images
+
+    @torch.no_grad()
+    def variations(
+        self,
+        image: torch.Tensor | PIL.Image.Image | list[PIL.Image.Image],
+        num_variations: int = 8,
+        num_inference_steps: int = 6,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+    ) -> QACPipelineOutput:
+        r"""
+        New images that share the code of reference image(s): each reference is encoded to its code, and
+        `num_variations` images are sampled with that code and fresh noise.
+
+        Args:
+            image (`torch.Tensor` of shape `(batch, channels, height, width)` in [-1, 1], or PIL image(s)): The
+                reference(s), at the pipeline's size (see [`encode`]).
+            num_variations (`int`, defaults to 8): Images per reference.
+            num_inference_steps (`int`, defaults to 6): The number of UNet evaluations (NFE) with [`IPNDMScheduler`].
+            generator (`torch.Generator` or a list of `batch * num_variations` of them, *optional*): Makes the noise
+                deterministic.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` or `"pt"`.
+
+        Examples:
+            ```py
+            >>> generator = torch.Generator().manual_seed(0)
+            >>> variations = pipe.variations(reference_image, num_variations=8, generator=generator)
+            >>> variations.code_indices  # the reference's code, 8 times
+            ```
+
+        Returns:
+            [`QACPipelineOutput`] with `batch * num_variations` images, reference-major (the variations of reference
+            0 first), and their code indices (each reference's code, repeated).
+        """
+        if not isinstance(num_variations, int) or num_variations < 1:
+            raise ValueError(f"`num_variations` must be a positive integer, got {num_variations!r}.")
+        code_indices = self.encode(image).repeat_interleave(num_variations)
+        # QACPipeline's sampler, also in subclasses whose __call__ does something else (the editing pipeline)
+        return QACPipeline.__call__(
+            self,
+            batch_size=len(code_indices),
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            code_indices=code_indices,
+            output_type=output_type,
+        )
+
+    @torch.no_grad()
+    def interpolate(
+        self,
+        code_a: int | torch.Tensor,
+        code_b: int | torch.Tensor,
+        num_points: int | None = None,
+        num_inference_steps: int = 6,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        path: Literal["bits", "linear"] = "bits",
+    ) -> QACPipelineOutput:
+        r"""
+        Samples along a path from `code_a` to `code_b`, all from the same noise image, so that only the code changes
+        from one image to the next. See [`interpolation_codes`] for the two paths.
+
+        Args:
+            code_a (`int` or `torch.Tensor`), code_b (`int` or `torch.Tensor`): The endpoints: code indices (an `int`
+                or a 0-d integer tensor, e.g. from [`encode`]) or level vectors of shape `(code_dim,)`.
+            num_points (`int`, *optional*): The number of images, endpoints included: at least 2, and for `"bits"` at
+                most the Hamming distance of the codes + 1. `None`: that many, i.e. every code of the `"bits"` path
+                (for either path, so that the two rows line up).
+            num_inference_steps (`int`, defaults to 6): The number of UNet evaluations (NFE) with [`IPNDMScheduler`].
+            generator (`torch.Generator`, *optional*): Draws the one noise image when `latents` is `None`.
+            latents (`torch.Tensor` of shape `(1, channels, height, width)`, *optional*): The one standard normal
+                noise image every point starts from.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` or `"pt"`.
+            path (`"bits"` or `"linear"`, defaults to `"bits"`): `"bits"` changes one channel at a time and so stays
+                on real codes, the conditions the model was trained on; `"linear"` blends the level vectors and
+                conditions the UNet on codes between the levels, which it never saw in training.
+
+        Examples:
+            ```py
+            >>> codes = pipe.encode(two_images)
+            >>> row = pipe.interpolate(codes[0], codes[1], generator=torch.Generator().manual_seed(0)).images
+            ```
+
+        Returns:
+            [`QACPipelineOutput`] with `num_points` images; `code_indices` are the codes of the `"bits"` path, and
+            `None` for the `"linear"` path (its inner points are not codes).
+        """
+        codes = self.interpolation_codes(code_a, code_b, num_points, path)
+        self.check_inputs(1, num_inference_steps, generator, None, latents, output_type)
+        device = self._execution_device
+        if latents is None:
+            latents = randn_tensor((1, *self.image_shape), generator=generator, device=device)
+        # The same noise image for every point: only the code changes along the row.
+        same_noise = latents.expand(len(codes), -1, -1, -1)
+        images = self._sample(same_noise, codes.to(device), num_inference_steps, output_type)
+        code_indices = self.encoder.codes_to_indices(codes) if path == "bits" else None
+        return QACPipelineOutput(images=images, code_indices=code_indices)
+
+    def interpolation_codes(
+        self,
+        code_a: int | torch.Tensor,
+        code_b: int | torch.Tensor,
+        num_points: int | None = None,
+        path: Literal["bits", "linear"] = "bits",
+    ) -> torch.Tensor:
+        r"""
+        The codes of [`interpolate`]: a path of level vectors from `code_a` to `code_b`, endpoints included.
+
+        Codes are discrete, so "between two codes" needs a definition. With H the Hamming distance of the codes (the
+        number of channels where they differ):
+
+        - `"bits"`: the H + 1 real codes met when the differing channels are set to their level in `code_b` one at a
+          time, channel 0 first (for `code_levels` > 2 a channel jumps straight to its target level). Neighbours
+          differ in exactly one channel. `num_points` picks that many codes of this walk, evenly spaced (rounded)
+          and always with both endpoints, so it can be at most H + 1.
+        - `"linear"`: (1 - s) * a + s * b in level space for `num_points` evenly spaced s in [0, 1]; every differing
+          channel moves at once, through levels the UNet's code embedding accepts (it is linear in the levels) but
+          was never trained on.
+
+        Args:
+            code_a (`int` or `torch.Tensor`), code_b (`int` or `torch.Tensor`): Code indices (an `int` or a 0-d
+                integer tensor) or level vectors of shape `(code_dim,)` with integer levels in `[0, code_levels)`.
+            num_points (`int`, *optional*): The number of points (at least 2); `None` for H + 1.
+            path (`"bits"` or `"linear"`, defaults to `"bits"`): See above.
+
+        Returns:
+            `torch.Tensor` of shape `(num_points, code_dim)`: float levels.
+        """
+        if self.encoder is None:
+            raise ValueError("This pipeline is unconditional (no encoder): it has no codes to interpolate between.")
+        if path not in ("bits", "linear"):
+            raise ValueError(f"`path` must be 'bits' or 'linear', got {path!r}.")
+        start, end = self._code_levels(code_a, "code_a"), self._code_levels(code_b, "code_b")
+        differing = (start != end).nonzero().flatten()
+        hamming = len(differing)
+        if num_points is None:
+            num_points = hamming + 1
+        elif not isinstance(num_points, int) or num_points < 2:
+            raise ValueError(f"`num_points` must be None or an integer >= 2 (both endpoints), got {num_points!r}.")
+        elif path == "bits" and num_points > hamming + 1:
+            raise ValueError(
+                f"The codes differ in {hamming} channel(s), so the 'bits' path has {hamming + 1} codes: pass "
+                f"`num_points` <= {hamming + 1}, `num_points=None` for all of them, or `path='linear'`."
+            )
+        if path == "linear":
+            fractions = torch.linspace(0, 1, num_points, device=start.device).unsqueeze(1)
+            return start + fractions * (end - start)
+        # Step k of the walk has the first k differing channels at their level in code_b.
+        steps = torch.arange(hamming + 1, device=start.device).unsqueeze(1)
+        switched = torch.zeros(hamming + 1, len(start), dtype=torch.bool, device=start.device)
+        switched[:, differing] = steps > torch.arange(hamming, device=start.device)
+        walk = torch.where(switched, end, start)
+        # num_points evenly spaced steps, k * H / spacing rounded half up, in exact integer arithmetic
+        spacing = max(num_points - 1, 1)
+        chosen = [(2 * k * hamming + spacing) // (2 * spacing) for k in range(num_points)]
+        return walk[chosen]
+
+    def _code_levels(self, code: int | torch.Tensor, name: str) -> torch.Tensor:
+        """A code index or level vector as float levels of shape `(code_dim,)`, checked."""
+        code_dim, code_levels = self.encoder.config.code_dim, self.encoder.config.code_levels
+        if isinstance(code, int) or (isinstance(code, torch.Tensor) and code.ndim == 0):
+            index = torch.as_tensor(code, device=self.encoder.device)
+            return self.encoder.indices_to_codes(index)
+        if not isinstance(code, torch.Tensor) or tuple(code.shape) != (code_dim,):
+            got = tuple(code.shape) if isinstance(code, torch.Tensor) else type(code).__name__
+            raise ValueError(
+                f"`{name}` must be a code index (an int or a 0-d tensor) or a level vector of shape ({code_dim},), "
+                f"got {got}."
+            )
+        levels = code.to(device=self.encoder.device, dtype=torch.float32)
+        if not torch.equal(levels, levels.round()) or levels.min() < 0 or levels.max() > code_levels - 1:
+            raise ValueError(f"`{name}` must hold integer levels in [0, {code_levels - 1}], got {code.tolist()}.")
+        return levels
 
     def images_to_tensor(self, images: torch.Tensor | PIL.Image.Image | list[PIL.Image.Image]) -> torch.Tensor:
         """PIL image(s) to a `(batch, channels, height, width)` tensor in [-1, 1]; tensors are checked and returned."""
@@ -198,19 +401,8 @@ class QACPipeline(DiffusionPipeline):
             code_indices = self.encoder.sample_indices(batch_size, generator)
         code = None if self.encoder is None else self.encoder.indices_to_codes(code_indices.to(device))
 
-        # 2. The schedule; the latents start at the scheduler's first noise level
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        sample = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
-
-        # 3. Solve the probability-flow ODE
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(sample, t).to(self.unet.dtype)
-            model_output = self.unet(model_input, t, code=code).sample
-            sample = self.scheduler.step(model_output, t, sample).prev_sample
-
-        # 4. Post-process
-        images = self.image_processor.postprocess(sample, output_type=output_type)
-        self.maybe_free_model_hooks()
+        # 2-4. Solve the probability-flow ODE from the latents and post-process
+        images = self._sample(latents, code, num_inference_steps, output_type)
         if not return_dict:
             return images, code_indices
         return QACPipelineOutput(images=images, code_indices=code_indices)

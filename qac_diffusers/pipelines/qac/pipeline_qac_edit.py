@@ -128,7 +128,7 @@ class QACImageEditPipeline(QACPipeline):
             x = degradation.project(x, z)
         return x
 
-    def check_inputs(self, task, mask, factor, num_inference_steps, generator, output_type) -> None:
+    def check_edit_inputs(self, task, mask, factor, num_inference_steps, generator, output_type) -> None:
         if task not in TASKS:
             raise ValueError(f"`task` must be one of {TASKS}, got {task!r}.")
         if mask is None and task == "inpaint":
@@ -282,7 +282,7 @@ class QACImageEditPipeline(QACPipeline):
             model's result leaves [-1, 1] a colorized pixel's luminance or a super-resolved block's mean can differ
             from the input's.
         """
-        self.check_inputs(task, mask, factor, num_inference_steps, generator, output_type)
+        self.check_edit_inputs(task, mask, factor, num_inference_steps, generator, output_type)
 
         # 1. The reference z and the degradation (A, Omega) of the task
         if task == "inpaint":
