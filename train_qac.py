@@ -14,7 +14,6 @@ a multi-process run sees the same global batches as a one-process run.
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import time

@@ -26,18 +26,32 @@ def tiny_unet_config():
     return dict(TINY_UNET_CONFIG)
 
 
-def make_tiny_models(seed: int = 0, code_dim: int = TINY_CODE_DIM):
+def make_tiny_models(seed: int = 0, code_dim: int = TINY_CODE_DIM, channels: int = 1):
     """A tiny QAC UNet with a random (non-zero) code embedding, and its encoder with non-uniform code weights."""
     from qac_diffusers import FSQConditionEncoder, QACUNet2DModel
 
     torch.manual_seed(seed)
-    unet = QACUNet2DModel(**TINY_UNET_CONFIG, code_dim=code_dim)
+    unet = QACUNet2DModel(**{**TINY_UNET_CONFIG, "in_channels": channels, "out_channels": channels}, code_dim=code_dim)
     if code_dim == 0:
         return unet.eval(), None
     torch.nn.init.normal_(unet.code_embedding.linear_2.weight, std=0.5)
     encoder = FSQConditionEncoder.for_unet(unet, code_dim=code_dim)
     encoder.code_weights.copy_(torch.rand(encoder.codebook_size) ** 4)
     return unet.eval(), encoder.eval()
+
+
+def make_tiny_pipeline(code_dim: int = TINY_CODE_DIM, channels: int = 1, pipeline_class=None):
+    """A `QACPipeline` (or `pipeline_class`) around `make_tiny_models`, with IPNDMScheduler and no progress bar."""
+    from qac_diffusers import IPNDMScheduler, QACPipeline
+
+    unet, encoder = make_tiny_models(code_dim=code_dim, channels=channels)
+    pipe = (pipeline_class or QACPipeline)(unet=unet, scheduler=IPNDMScheduler(), encoder=encoder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture

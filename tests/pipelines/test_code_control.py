@@ -10,8 +10,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import make_tiny_models
-from qac_diffusers import IPNDMScheduler, QACPipeline
+from conftest import make_tiny_pipeline, seeded
 from qac_diffusers.training.code_usage import code_usage, codes_for_share, cumulative_shares, top_codes
 from qac_diffusers.utils import image_grid
 
@@ -20,20 +19,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CODE_A, CODE_B = 5, 58
 
 
-def make_pipeline(code_dim: int = 6) -> QACPipeline:
-    unet, encoder = make_tiny_models(code_dim=code_dim)
-    pipe = QACPipeline(unet=unet, scheduler=IPNDMScheduler(), encoder=encoder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 @pytest.fixture(scope="module")
 def pipe():
-    return make_pipeline()
+    return make_tiny_pipeline()
 
 
 def test_variations_share_the_reference_code_are_seeded_and_differ(pipe):
@@ -128,7 +116,7 @@ def test_bad_variations_and_unconditional_pipeline(pipe):
     for num_variations in (0, 2.0):
         with pytest.raises(ValueError, match="`num_variations` must be a positive integer"):
             pipe.variations(torch.zeros(1, 1, 8, 8), num_variations=num_variations)
-    baseline = make_pipeline(code_dim=0)
+    baseline = make_tiny_pipeline(code_dim=0)
     with pytest.raises(ValueError, match="unconditional"):
         baseline.variations(torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match="unconditional"):
@@ -179,7 +167,7 @@ def test_report_script_writes_the_report(pipe, tmp_path):
         samples += pipe(batch_size=2, num_inference_steps=2, generator=generator,
                         code_indices=torch.full((2,), index)).images
     expected = np.asarray(image_grid(samples, tile_size=16, columns=2))
-    assert expected.shape == (48, 32, 3)  # 3 rows and 2 columns of 16-pixel tiles
+    assert expected.shape == (54, 36, 3)  # 3 rows and 2 columns of 16-pixel tiles, each with a 2-pixel border
     assert np.array_equal(np.asarray(PIL.Image.open(out_dir / "top_codes.png")), expected)
 
 
@@ -187,9 +175,7 @@ def test_report_script_writes_the_report(pipe, tmp_path):
 def test_editing_pipeline_inherits_working_code_control():
     from qac_diffusers import QACImageEditPipeline
 
-    unet, encoder = make_tiny_models()
-    pipe = QACImageEditPipeline(unet=unet, scheduler=IPNDMScheduler(), encoder=encoder)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = make_tiny_pipeline(pipeline_class=QACImageEditPipeline)
     reference = torch.rand(1, 1, 8, 8) * 2 - 1
     output = pipe.variations(reference, num_variations=2, generator=torch.Generator().manual_seed(0), output_type="pt")
     assert output.images.shape == (2, 1, 8, 8) and (output.code_indices == pipe.encode(reference)).all()

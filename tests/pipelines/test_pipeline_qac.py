@@ -10,27 +10,16 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
-from conftest import make_tiny_models
+from conftest import make_tiny_models, make_tiny_pipeline, seeded
 from qac_diffusers import IPNDMScheduler, QACPipeline
 from qac_diffusers.utils import image_grid
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def make_pipeline(code_dim: int = 6) -> QACPipeline:
-    unet, encoder = make_tiny_models(code_dim=code_dim)
-    pipe = QACPipeline(unet=unet, scheduler=IPNDMScheduler(), encoder=encoder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 @pytest.fixture(scope="module")
 def pipe():
-    return make_pipeline()
+    return make_tiny_pipeline()
 
 
 def test_output_types_and_pinned_values(pipe):
@@ -88,7 +77,7 @@ def test_encode_tensor_and_pil_agree_and_make_more_like_them(pipe):
 
 @pytest.mark.parametrize("scheduler_class", [EDMEulerScheduler, EDMDPMSolverMultistepScheduler, IPNDMScheduler])
 def test_runs_with_each_edm_scheduler(scheduler_class):
-    pipe = make_pipeline()
+    pipe = make_tiny_pipeline()
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     output = pipe(batch_size=2, num_inference_steps=4, generator=seeded(), output_type="pt")
     assert output.images.shape == (2, 1, 8, 8)
@@ -134,7 +123,7 @@ def test_custom_pipeline_entry_file(pipe, tmp_path):
 
 
 def test_unconditional_baseline_pipeline(tmp_path):
-    pipe = make_pipeline(code_dim=0)
+    pipe = make_tiny_pipeline(code_dim=0)
     assert pipe.encoder is None
     output = pipe(batch_size=2, generator=seeded(), output_type="pt")
     assert output.code_indices is None and output.images.shape == (2, 1, 8, 8)

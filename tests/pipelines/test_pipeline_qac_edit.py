@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import EDMEulerScheduler
 
-from conftest import TINY_UNET_CONFIG, make_tiny_models
-from qac_diffusers import FSQConditionEncoder, IPNDMScheduler, QACPipeline, QACUNet2DModel
+from conftest import make_tiny_pipeline, seeded
+from qac_diffusers import IPNDMScheduler, QACPipeline
 from qac_diffusers.pipelines.qac.editing_operators import (
     LinearDegradation,
     colorization,
@@ -26,33 +26,14 @@ from qac_diffusers.schedulers.scheduling_ipndm import karras_sigmas
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def make_rgb_models(seed: int = 0) -> tuple[QACUNet2DModel, FSQConditionEncoder]:
-    """The tiny models of conftest with 3 channels, for colorization."""
-    torch.manual_seed(seed)
-    unet = QACUNet2DModel(**{**TINY_UNET_CONFIG, "in_channels": 3, "out_channels": 3}, code_dim=6)
-    torch.nn.init.normal_(unet.code_embedding.linear_2.weight, std=0.5)
-    encoder = FSQConditionEncoder.for_unet(unet, code_dim=6)
-    return unet.eval(), encoder.eval()
-
-
-def make_pipeline(unet, encoder) -> QACImageEditPipeline:
-    pipe = QACImageEditPipeline(unet=unet, scheduler=IPNDMScheduler(), encoder=encoder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def pipe():
-    return make_pipeline(*make_tiny_models())
+    return make_tiny_pipeline(pipeline_class=QACImageEditPipeline)
 
 
 @pytest.fixture(scope="module")
 def rgb_pipe():
-    return make_pipeline(*make_rgb_models())
+    return make_tiny_pipeline(channels=3, pipeline_class=QACImageEditPipeline)
 
 
 @pytest.fixture(scope="module")
@@ -220,11 +201,11 @@ def test_pil_inputs_and_tuple_output(pipe, image, hole):
 
 def test_other_edm_scheduler_and_baseline_model(pipe, image, hole):
     kwargs = {"task": "inpaint", "mask": hole, "num_inference_steps": 3, "output_type": "pt"}
-    euler = make_pipeline(pipe.unet, pipe.encoder)
-    euler.scheduler = EDMEulerScheduler.from_config(pipe.scheduler.config)
+    euler = QACImageEditPipeline(**{**pipe.components, "scheduler": EDMEulerScheduler.from_config(pipe.scheduler.config)})
+    euler.set_progress_bar_config(disable=True)
     assert torch.allclose(euler(image, generator=seeded(), **kwargs).images,
                           pipe(image, generator=seeded(), **kwargs).images, atol=1e-6)
-    baseline = make_pipeline(*make_tiny_models(code_dim=0))
+    baseline = make_tiny_pipeline(code_dim=0, pipeline_class=QACImageEditPipeline)
     output = baseline(image, generator=seeded(), **kwargs)
     assert torch.isfinite(output.images).all() and output.images.shape == (2, 1, 8, 8)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from conftest import make_tiny_models
-from qac_diffusers import IPNDMScheduler, QACPipeline
+from conftest import make_tiny_pipeline
+from qac_diffusers import QACPipeline
 from qac_diffusers.training.code_usage import code_usage
 from qac_diffusers.training.hub import push_to_hub, write_model_card
 
@@ -25,13 +25,6 @@ PIPELINE_FILES = {
 }
 ENCODER_FILES = {"encoder/config.json", "encoder/diffusion_pytorch_model.safetensors"}
 TOP_LEVEL_FILES = {"README.md", "training_config.json", "training_summary.json"}
-
-
-def make_pipeline(code_dim: int = 6) -> QACPipeline:
-    unet, encoder = make_tiny_models(code_dim=code_dim)
-    pipe = QACPipeline(unet=unet, scheduler=IPNDMScheduler(), encoder=encoder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def save_training_run(pipe: QACPipeline, output_dir: Path, sample_grid: bool = True) -> Path:
@@ -74,7 +67,7 @@ def sample(pipe: QACPipeline) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def test_push_uploads_the_pipeline_and_its_card_only(fake_hub, tmp_path):
-    pipe = make_pipeline()
+    pipe = make_tiny_pipeline()
     output_dir = save_training_run(pipe, tmp_path / "run")
     assert write_card(output_dir, pipe, repo_id=f"{fake_hub.user}/tiny-qac") == output_dir / "README.md"
 
@@ -95,7 +88,7 @@ def test_push_uploads_the_pipeline_and_its_card_only(fake_hub, tmp_path):
 
 
 def test_qac_card_metadata_and_contents(tmp_path):
-    pipe = make_pipeline()
+    pipe = make_tiny_pipeline()
     output_dir = save_training_run(pipe, tmp_path / "run")
     card = ModelCard.load(write_card(output_dir, pipe))
 
@@ -124,7 +117,7 @@ def test_qac_card_metadata_and_contents(tmp_path):
 
 
 def test_baseline_card_and_push(fake_hub, tmp_path):
-    pipe = make_pipeline(code_dim=0)
+    pipe = make_tiny_pipeline(code_dim=0)
     output_dir = save_training_run(pipe, tmp_path / "baseline", sample_grid=False)
     card = ModelCard.load(write_card(output_dir, pipe, dataset_name="digits"))
 
@@ -142,7 +135,7 @@ def test_baseline_card_and_push(fake_hub, tmp_path):
 
 
 def test_local_folder_is_named_without_its_path(tmp_path):
-    pipe = make_pipeline()
+    pipe = make_tiny_pipeline()
     output_dir = save_training_run(pipe, tmp_path / "run")
     (tmp_path / "my_images").mkdir()
     card = ModelCard.load(write_card(output_dir, pipe, dataset_name=str(tmp_path / "my_images")))
@@ -152,7 +145,7 @@ def test_local_folder_is_named_without_its_path(tmp_path):
 
 def test_explicit_token_private_repo_and_second_push(fake_hub, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
-    pipe = make_pipeline()
+    pipe = make_tiny_pipeline()
     output_dir = save_training_run(pipe, tmp_path / "run")
     write_card(output_dir, pipe)
     seen = len(fake_hub.requests)
@@ -167,7 +160,7 @@ def test_explicit_token_private_repo_and_second_push(fake_hub, tmp_path, monkeyp
 
 
 def test_refuses_to_publish_the_token(fake_hub, tmp_path):
-    pipe = make_pipeline()
+    pipe = make_tiny_pipeline()
     output_dir = save_training_run(pipe, tmp_path / "run")
     write_card(output_dir, pipe, training_config={"args": {"hub_token": "hf_explicit"}})
     with pytest.raises(ValueError, match="README.md holds the Hub token, which the upload would publish"):
@@ -177,7 +170,7 @@ def test_refuses_to_publish_the_token(fake_hub, tmp_path):
 
 @pytest.mark.parametrize("function", [write_card, lambda output_dir, pipe: push_to_hub(output_dir, "any")])
 def test_output_dir_errors(function, tmp_path):
-    pipe = make_pipeline()
+    pipe = make_tiny_pipeline()
     with pytest.raises(OSError, match="does not exist or is not a folder.*save_pretrained"):
         function(tmp_path / "missing", pipe)
     with pytest.raises(OSError, match="has no model_index.json.*save_pretrained"):
@@ -196,7 +189,7 @@ def test_output_dir_errors(function, tmp_path):
     ],
 )
 def test_card_input_errors(kwargs, match, tmp_path):
-    pipe = make_pipeline()
+    pipe = make_tiny_pipeline()
     (tmp_path / "model_index.json").write_text("{}")
     with pytest.raises(ValueError, match=match):
         write_card(tmp_path, pipe, **kwargs)
