@@ -146,3 +146,15 @@ def test_push_to_hub_then_load_the_repo(tmp_path, fake_hub):
     assert "model_index.json" in files and "README.md" in files and "encoder/diffusion_pytorch_model.safetensors" in files
     assert not any(name.startswith(("checkpoint-", "logs/")) for name in files)
     assert torch.equal(sample(f"{fake_hub.user}/qac-digits"), sample(tmp_path))
+
+
+def test_tensorboard_logs_losses_code_usage_and_sample_grids(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_qac.main(["--output_dir", str(tmp_path), "--train_batch_size", "512", "--max_train_steps", "2",
+                    "--validation_steps", "2", "--num_validation_images", "4", "--report_to", "tensorboard"])
+    events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"loss", "lr", "batch_distinct_codes", "code_weights/entropy_bits"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"] == ["validation"]
+    assert (tmp_path / "samples" / "step-0000002.png").is_file()
