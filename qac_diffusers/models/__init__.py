@@ -1,2 +1,3 @@
+from .edm_denoiser import edm_denoise
 from .fsq_condition_encoder import FSQConditionEncoder, FSQConditionEncoderOutput, quantize, straight_through_quantize
 from .unet_2d_qac import CodeEmbedding, QACUNet2DModel

@@ -3,6 +3,8 @@
 
 import torch
 
+from ..models.edm_denoiser import edm_denoise
+
 
 class EDMLoss:
     r"""
@@ -47,9 +49,6 @@ class EDMLoss:
             `torch.Tensor`: the scalar loss.
         """
         noisy = self.scheduler.add_noise(images, noise, sigma.flatten())
-        model_input = self.scheduler.precondition_inputs(noisy, sigma)
-        c_noise = self.scheduler.precondition_noise(sigma.flatten())
-        model_output = unet(model_input, c_noise, code=code).sample
-        denoised = self.scheduler.precondition_outputs(noisy, model_output, sigma)
+        denoised = edm_denoise(unet, self.scheduler, noisy, sigma, code)
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-        return (weight * (denoised.float() - images) ** 2).mean()
+        return (weight * (denoised - images) ** 2).mean()

@@ -29,6 +29,8 @@ def test_update_ema_interpolates_parameters():
 class ZeroNetwork(torch.nn.Module):
     """F = 0, so D(x; sigma) = c_skip * x."""
 
+    dtype = torch.float32
+
     def forward(self, sample, timestep, code=None):
         return type("Output", (), {"sample": torch.zeros_like(sample)})()
 

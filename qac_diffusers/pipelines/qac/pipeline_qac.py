@@ -15,7 +15,7 @@ from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
-from ...models import FSQConditionEncoder, QACUNet2DModel
+from ...models import FSQConditionEncoder, QACUNet2DModel, edm_denoise
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -103,6 +103,21 @@ class QACPipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else size
         return self.unet.config.in_channels, height, width
+
+    @torch.no_grad()
+    def denoise(
+        self, sample: torch.Tensor, sigma: float | torch.Tensor, code: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """
+        The EDM denoiser D(x; sigma, y) of this pipeline's UNet and scheduler (see [`edm_denoise`]).
+
+        Args:
+            sample (`torch.Tensor` of shape `(batch, channels, height, width)`): The noisy images x.
+            sigma (`float` or `torch.Tensor` of shape `(batch, 1, 1, 1)`): The noise level(s).
+            code (`torch.Tensor` of shape `(batch, code_dim)`, *optional*): Code levels (e.g.
+                `encoder.indices_to_codes(indices)`); `None` for the unconditional baseline.
+        """
+        return edm_denoise(self.unet, self.scheduler, sample, sigma, code)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor | PIL.Image.Image | list[PIL.Image.Image]) -> torch.LongTensor:

@@ -69,24 +69,6 @@ class QACImageEditPipeline(QACPipeline):
     """
 
     @torch.no_grad()
-    def denoise(self, x: torch.Tensor, t: float, y: torch.Tensor | None) -> torch.Tensor:
-        """
-        The EDM denoiser D(x; t, y) = c_skip x + c_out F(c_in x, c_noise, y), through the scheduler's preconditioning.
-
-        Args:
-            x (`torch.Tensor` of shape `(batch, channels, height, width)`): The noisy images, float32.
-            t (`float`): The noise level.
-            y (`torch.Tensor` of shape `(batch, code_dim)` or `None`): The codes; `None` for the baseline.
-
-        Returns:
-            `torch.Tensor` of the shape of `x`, float32.
-        """
-        model_input = self.scheduler.precondition_inputs(x, t).to(self.unet.dtype)
-        c_noise = self.scheduler.precondition_noise(t).to(x.device)
-        model_output = self.unet(model_input, c_noise, code=y).sample
-        return self.scheduler.precondition_outputs(x, model_output.float(), t)
-
-    @torch.no_grad()
     def zero_shot_edit(
         self,
         z: torch.Tensor,
