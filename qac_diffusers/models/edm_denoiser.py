@@ -22,7 +22,8 @@ def edm_denoise(
         `torch.Tensor` of the shape and dtype of `sample`.
     """
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=sample.device)
-    model_input = scheduler.precondition_inputs(sample, sigma).to(unet.dtype)
+    unet_dtype = next(unet.parameters()).dtype  # `unet.dtype` is missing when DistributedDataParallel wraps it
+    model_input = scheduler.precondition_inputs(sample, sigma).to(unet_dtype)
     c_noise = scheduler.precondition_noise(sigma.flatten())
     model_output = unet(model_input, c_noise, code=code).sample
     return scheduler.precondition_outputs(sample, model_output.to(sample.dtype), sigma)

@@ -29,7 +29,9 @@ def test_update_ema_interpolates_parameters():
 class ZeroNetwork(torch.nn.Module):
     """F = 0, so D(x; sigma) = c_skip * x."""
 
-    dtype = torch.float32
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, sample, timestep, code=None):
         return type("Output", (), {"sample": torch.zeros_like(sample)})()
