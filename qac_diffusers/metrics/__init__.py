@@ -13,3 +13,10 @@ from .frechet import (
     kernel_inception_distance,
     kernel_inception_distance_from_images,
 )
+from .trajectory import (
+    conditional_flow_matching_loss,
+    pipeline_conditional_flow_matching_loss,
+    pipeline_curvature,
+    pipeline_denoiser,
+    trajectory_curvature,
+)
