@@ -6,12 +6,10 @@
 import argparse
 
 import torch
-from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
-from qac_diffusers import IPNDMScheduler, QACPipeline
+from qac_diffusers import QACPipeline
+from qac_diffusers.schedulers import SOLVERS, solver_from_config
 from qac_diffusers.utils import image_grid
-
-SCHEDULERS = {"ipndm": IPNDMScheduler, "euler": EDMEulerScheduler, "dpmsolver": EDMDPMSolverMultistepScheduler}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -19,7 +17,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="A folder written by train_qac.py or a Hub repo id.")
     parser.add_argument("--num_images", type=int, default=16)
     parser.add_argument("--steps", type=int, default=6, help="Number of UNet evaluations (NFE) with iPNDM.")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ipndm")
+    parser.add_argument("--scheduler", choices=sorted(SOLVERS), default="ipndm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tile_size", type=int, default=64, help="Each image is upscaled to this size in the grid.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -30,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     pipe = QACPipeline.from_pretrained(args.model).to(args.device)
-    pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
+    pipe.scheduler = solver_from_config(args.scheduler, pipe.scheduler.config)
     images = pipe(
         batch_size=args.num_images,
         num_inference_steps=args.steps,

@@ -1,4 +1,2 @@
 from .scheduling_ipndm import IPNDMScheduler, IPNDMSchedulerOutput
-
-
-__all__ = ["IPNDMScheduler", "IPNDMSchedulerOutput"]
+from .solvers import SOLVERS, solver_from_config

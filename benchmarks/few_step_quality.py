@@ -1,0 +1,261 @@
+"""Few-step quality: QAC against the unconditional baseline trained the same way (DESIGN.md section 8).
+
+For every seed, train_qac.py trains a QAC model and a baseline (--no_condition) with identical data, steps, UNet and
+seed on a training split of the data; both are then sampled with each solver at each NFE, and the Frechet distance of
+the samples to the held-out split is measured in the feature space of a small classifier trained on the training
+split (Inception features mean little for 8x8 or 28x28 images).
+
+    python benchmarks/few_step_quality.py                                   # digits, 3 seeds, ~25 min on 2 cores
+    python benchmarks/few_step_quality.py --dataset animal-mnist --preset small --resolution 28 --max_train_steps 20000
+
+Writes benchmarks/results/few_step_quality_<dataset>.{md,json} and plots; trained models go to --work_dir.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import torch  # noqa: E402
+
+from qac_diffusers import QACPipeline  # noqa: E402
+from qac_diffusers.metrics import extract_features, frechet_distance, train_feature_classifier  # noqa: E402
+from qac_diffusers.metrics.trajectory import (  # noqa: E402
+    pipeline_conditional_flow_matching_loss,
+    pipeline_curvature,
+)
+from qac_diffusers.training import ImageTransform, load_image_dataset  # noqa: E402
+from qac_diffusers.training.code_usage import code_usage  # noqa: E402
+from qac_diffusers.schedulers import SOLVERS, solver_from_config  # noqa: E402
+from qac_diffusers.utils import image_grid  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("baseline", "qac")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="digits", help="A built-in data set: digits or animal-mnist.")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--resolution", type=int)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max_train_steps", type=int, default=2500)
+    parser.add_argument("--train_batch_size", type=int, default=128)
+    parser.add_argument("--holdout_fraction", type=float, default=0.3)
+    parser.add_argument("--nfe", type=int, nargs="+", default=[3, 4, 5, 6, 10])
+    parser.add_argument("--reference_nfe", type=int, default=50, help="The many-step reference (iPNDM).")
+    parser.add_argument("--solvers", nargs="+", choices=sorted(SOLVERS), default=["dpmsolver2", "ipndm", "ipndm_variable"])
+    parser.add_argument("--num_samples", type=int, default=2000)
+    parser.add_argument("--curvature_samples", type=int, default=500)
+    parser.add_argument("--curvature_steps", type=int, default=64, help="Euler steps of the curvature trajectories.")
+    parser.add_argument("--work_dir", default=str(REPO_ROOT / "benchmarks" / "work"))
+    parser.add_argument("--results_dir", default=str(REPO_ROOT / "benchmarks" / "results"))
+    return parser.parse_args()
+
+
+def split_dataset(args: argparse.Namespace, work_dir: Path):
+    """A fixed train / held-out split; the training split is written as an image folder for train_qac.py."""
+    dataset = load_image_dataset(args.dataset)
+    split = dataset.train_test_split(test_size=args.holdout_fraction, seed=0, stratify_by_column="label")
+    folder = work_dir / f"{args.dataset}-train"
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        for row in split["train"]:
+            row["image"].save(folder / f"{row['example_index']:05d}.png")
+    return split["train"], split["test"], folder
+
+
+def to_tensor(dataset, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    transform = ImageTransform(resolution, channels=1, center_crop=True)
+    images = torch.stack([transform.preprocess(image) for image in dataset["image"]])
+    return images, torch.tensor(dataset["label"])
+
+
+def train_models(args: argparse.Namespace, data_folder: Path, work_dir: Path) -> dict:
+    """Train (or reuse) every (model, seed); returns the training seconds and images/s of each."""
+    timings = {}
+    for seed in args.seeds:
+        for model in MODELS:
+            output_dir = work_dir / f"{model}-seed{seed}"
+            if not (output_dir / "model_index.json").is_file():
+                command = [
+                    sys.executable, str(REPO_ROOT / "train_qac.py"), "--train_data_dir", str(data_folder),
+                    "--output_dir", str(output_dir), "--seed", str(seed), "--preset", args.preset,
+                    "--max_train_steps", str(args.max_train_steps), "--train_batch_size", str(args.train_batch_size),
+                    "--report_to", "none", "--validation_steps", str(args.max_train_steps),
+                    "--checkpointing_steps", str(args.max_train_steps),
+                ]
+                command += ["--resolution", str(args.resolution)] if args.resolution else []
+                command += ["--no_condition"] if model == "baseline" else []
+                print(f"Training {output_dir.name} ...", flush=True)
+                started = time.perf_counter()
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                (output_dir / "benchmark_training_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}")
+            lines = (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+            images_per_second = np.median([json.loads(line)["images_per_second"] for line in lines])
+            timings[f"{model}-seed{seed}"] = {"images_per_second": float(images_per_second)}
+    return timings
+
+
+@torch.no_grad()
+def generate(pipe: QACPipeline, num_samples: int, nfe: int, seed: int, batch_size: int = 500) -> torch.Tensor:
+    """`num_samples` images in [-1, 1], drawn in batches with one generator."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for start in range(0, num_samples, batch_size):
+        size = min(batch_size, num_samples - start)
+        images = pipe(batch_size=size, num_inference_steps=nfe, generator=generator, output_type="pt").images
+        batches.append(images * 2 - 1)
+    return torch.cat(batches)
+
+
+def evaluate_models(args, work_dir: Path, classifier, heldout_features) -> tuple[dict, dict]:
+    """Frechet distances[solver][model][nfe] = list over seeds; and the code usage of each QAC model."""
+    distances, usage = {}, {}
+    nfes = sorted(set(args.nfe) | {args.reference_nfe})
+    for seed in args.seeds:
+        for model in MODELS:
+            pipe = QACPipeline.from_pretrained(work_dir / f"{model}-seed{seed}")
+            pipe.set_progress_bar_config(disable=True)
+            if pipe.encoder is not None:
+                usage[f"seed{seed}"] = code_usage(pipe.encoder.code_weights)
+            default_config = pipe.scheduler.config
+            for solver in args.solvers:
+                pipe.scheduler = solver_from_config(solver, default_config)
+                for nfe in nfes if solver == "ipndm" else args.nfe:
+                    samples = generate(pipe, args.num_samples, nfe, seed=1000 + seed)
+                    distance = frechet_distance(extract_features(classifier, samples), heldout_features)
+                    distances.setdefault(solver, {}).setdefault(model, {}).setdefault(str(nfe), []).append(distance)
+                    print(f"seed {seed} {model:8s} {solver:15s} NFE {nfe:3d}: FD {distance:8.2f}", flush=True)
+    return distances, usage
+
+
+def straightness(args, work_dir: Path, heldout_images: torch.Tensor) -> dict:
+    """Paper Table 1's columns for each model: trajectory curvature and L_CFM on the held-out images, per seed."""
+    results = {model: {"curvature": [], "L_CFM": []} for model in MODELS}
+    for seed in args.seeds:
+        for model in MODELS:
+            pipe = QACPipeline.from_pretrained(work_dir / f"{model}-seed{seed}")
+            generator = torch.Generator().manual_seed(2000 + seed)
+            curvature = pipeline_curvature(pipe, args.curvature_samples, args.curvature_steps, generator=generator)
+            loss = pipeline_conditional_flow_matching_loss(pipe, heldout_images, generator=generator, num_draws=4)
+            results[model]["curvature"].append(curvature)
+            results[model]["L_CFM"].append(loss)
+            print(f"seed {seed} {model:8s} curvature {curvature:.4f} L_CFM {loss:.4f}", flush=True)
+    return results
+
+
+def mean_std(values: list[float], decimals: int = 2) -> str:
+    mean, std = np.mean(values), np.std(values)
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}" if len(values) > 1 else f"{mean:.{decimals}f}"
+
+
+def markdown_report(args, distances: dict, floor: float, usage: dict, timings: dict, straight: dict) -> str:
+    lines = [
+        f"# Few-step quality on {args.dataset}: QAC vs the unconditional baseline",
+        "",
+        f"Command: `{' '.join(['python benchmarks/few_step_quality.py', *sys.argv[1:]])}`",
+        "",
+        f"Both models: preset `{args.preset}`, {args.max_train_steps} steps at batch {args.train_batch_size}, seeds "
+        f"{args.seeds}, trained on {1 - args.holdout_fraction:.0%} of the data. Frechet distance (FD, lower is "
+        f"better) of {args.num_samples} samples to the held-out {args.holdout_fraction:.0%}, in the features of a "
+        f"classifier trained on the training split; mean ± std over seeds. Real training split vs held-out: "
+        f"{floor:.2f}.",
+        "",
+    ]
+    for solver, by_model in distances.items():
+        lines += [f"## {solver}", "", "| NFE | baseline | QAC | QAC / baseline |", "|---|---|---|---|"]
+        for nfe in by_model["qac"]:
+            base, qac = by_model["baseline"][nfe], by_model["qac"][nfe]
+            lines.append(f"| {nfe} | {mean_std(base)} | {mean_std(qac)} | {np.mean(qac) / np.mean(base):.2f} |")
+        lines.append("")
+    lines += [
+        "## Straightness (paper Table 1's columns)", "",
+        f"Curvature of {args.curvature_samples} Euler trajectories of {args.curvature_steps} steps (uniform in "
+        "Rectified-Flow time) and L_CFM on the held-out images; mean ± std over seeds, lower is straighter.", "",
+        "| model | curvature | L_CFM |", "|---|---|---|",
+    ]
+    lines += [f"| {model} | {mean_std(values['curvature'], 4)} | {mean_std(values['L_CFM'], 4)} |"
+              for model, values in straight.items()]
+    lines += ["", "## Code usage of the QAC models (EMA code weights)", "", "| seed | codes used | perplexity | "
+              "largest share | codes for half the weight |", "|---|---|---|---|---|"]
+    for seed, stats in usage.items():
+        lines.append(f"| {seed} | {stats['codes_used']} | {stats['perplexity']:.1f} | {stats['largest_share']:.3f} "
+                     f"| {stats['codes_for_half_weight']} |")
+    lines += ["", "## Training throughput (median images/s, this machine)", "", "| run | images/s |", "|---|---|"]
+    lines += [f"| {run} | {timing['images_per_second']:.0f} |" for run, timing in timings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(distances: dict, floor: float, path: Path) -> None:
+    figure, axes = plt.subplots(1, len(distances), figsize=(4.5 * len(distances), 3.6), squeeze=False)
+    for axis, (solver, by_model) in zip(axes[0], distances.items()):
+        for model, by_nfe in by_model.items():
+            nfes = [int(nfe) for nfe in by_nfe]
+            means = [np.mean(values) for values in by_nfe.values()]
+            stds = [np.std(values) for values in by_nfe.values()]
+            axis.errorbar(nfes, means, yerr=stds, marker="o", capsize=3, label=model)
+        axis.axhline(floor, color="grey", linestyle=":", label="real vs held-out")
+        axis.set(title=solver, xlabel="NFE", ylabel="Frechet distance", yscale="log", xscale="log")
+        axis.set_xticks(nfes, [str(n) for n in nfes])
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def sample_grids(args, work_dir: Path, path: Path) -> None:
+    """Baseline and QAC samples side by side at the smallest NFE and at 6, same seed and noise."""
+    rows = []
+    for nfe in (min(args.nfe), 6):
+        for model in MODELS:
+            pipe = QACPipeline.from_pretrained(work_dir / f"{model}-seed{args.seeds[0]}")
+            pipe.set_progress_bar_config(disable=True)
+            images = pipe(batch_size=16, num_inference_steps=nfe, generator=torch.Generator().manual_seed(0)).images
+            rows.append(image_grid(images, tile_size=32, columns=16))
+    canvas = PIL.Image.new("L", (rows[0].width, sum(row.height + 4 for row in rows)), color=255)
+    for i, row in enumerate(rows):
+        canvas.paste(row.convert("L"), (0, i * (row.height + 4)))
+    canvas.save(path)
+
+
+def main() -> None:
+    args = parse_args()
+    work_dir, results_dir = Path(args.work_dir), Path(args.results_dir)
+    work_dir.mkdir(parents=True, exist_ok=True), results_dir.mkdir(parents=True, exist_ok=True)
+    train_split, heldout_split, data_folder = split_dataset(args, work_dir)
+    timings = train_models(args, data_folder, work_dir)
+
+    resolution = QACPipeline.from_pretrained(work_dir / f"qac-seed{args.seeds[0]}").image_shape[1]
+    train_images, train_labels = to_tensor(train_split, resolution)
+    heldout_images, heldout_labels = to_tensor(heldout_split, resolution)
+    classifier = train_feature_classifier(train_images, train_labels, seed=0)
+    accuracy = classifier.accuracy(heldout_images, heldout_labels)
+    heldout_features = extract_features(classifier, heldout_images)
+    floor = frechet_distance(extract_features(classifier, train_images), heldout_features)
+    distances, usage = evaluate_models(args, work_dir, classifier, heldout_features)
+    straight = straightness(args, work_dir, heldout_images)
+
+    stem = results_dir / f"few_step_quality_{args.dataset}"
+    report = markdown_report(args, distances, floor, usage, timings, straight)
+    report += f"\nFeature classifier accuracy on the held-out split: {accuracy:.3f}.\n"
+    report += f"\n![FD against NFE]({stem.name}.png)\n\n![Samples: rows baseline, QAC at NFE {min(args.nfe)}, then " \
+              f"baseline, QAC at NFE 6]({stem.name}_samples.png)\n"
+    stem.with_suffix(".md").write_text(report)
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"args": vars(args), "frechet_distance": distances, "real_vs_heldout": floor, "code_usage": usage,
+         "straightness": straight, "training": timings, "classifier_accuracy": accuracy}, indent=2))
+    plot(distances, floor, stem.with_suffix(".png"))
+    sample_grids(args, work_dir, Path(f"{stem}_samples.png"))
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
