@@ -107,7 +107,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse contradictory or impossible flags before anything is loaded."""
     if args.dataset_name and args.train_data_dir:
         raise ValueError("Give --dataset_name or --train_data_dir, not both.")
-    if args.no_condition and (args.code_dim is not None or args.straight_through != "sigmoid" or args.code_levels != 2):
+    quantizer_flags = args.code_dim is not None or args.straight_through != "sigmoid" or args.code_levels != 2
+    if args.no_condition and quantizer_flags:
         raise ValueError("--no_condition trains without codes: drop --code_dim, --code_levels and --straight_through.")
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "validation_steps",
                  "checkpointing_steps", "num_validation_images", "validation_nfe"):
@@ -224,6 +225,7 @@ class Trainer:
         accelerator.register_save_state_pre_hook(self.save_model_hook)
         accelerator.register_load_state_pre_hook(self.load_model_hook)
         self.global_step = 0
+        self.metrics_file = self.output_dir / args.logging_dir / "metrics.jsonl"
         self.global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
 
     @property
@@ -278,8 +280,13 @@ class Trainer:
         accelerator.wait_for_everyone()
 
     def resume(self, checkpoint: Path) -> None:
+        """Load a checkpoint; the metrics log forgets the steps after it, which are trained again."""
         self.accelerator.load_state(str(checkpoint))
         self.global_step = int(checkpoint.name[len(CHECKPOINT_PREFIX):])
+        if self.accelerator.is_main_process and self.metrics_file.is_file():
+            lines = self.metrics_file.read_text().splitlines()
+            kept = [line for line in lines if json.loads(line)["step"] <= self.global_step]
+            self.metrics_file.write_text("".join(line + "\n" for line in kept))
         logger.info(f"Resumed from {checkpoint} at step {self.global_step}")
 
     # ----- training ----------------------------------------------------------------------------------------------
@@ -287,7 +294,8 @@ class Trainer:
         """The EDM loss of one micro-batch, and its code indices gathered over all processes (None for baseline)."""
         accelerator = self.accelerator
         global_shape = (images.shape[0] * accelerator.num_processes, *images.shape[1:])
-        sigma, noise = self.loss_fn.sample_noise(global_shape, step_generator(self.args.seed, self.global_step, micro_step))
+        generator = step_generator(self.args.seed, self.global_step, micro_step)
+        sigma, noise = self.loss_fn.sample_noise(global_shape, generator)
         sigma, noise = (process_slice(t, accelerator, images.shape[0]) for t in (sigma, noise))
         code, indices, stats = None, None, {}
         if self.encoder is not None:
@@ -308,27 +316,26 @@ class Trainer:
             self.ema_encoder.update_code_weights(torch.cat(indices), decay)
         return decay
 
-    def train(self, checkpoint: Path | None) -> dict:
+    def train(self, checkpoint: Path | None) -> None:
         args, accelerator = self.args, self.accelerator
         if checkpoint is not None:
             self.resume(checkpoint)
         steps_per_epoch = len(self.dataloader) // args.gradient_accumulation_steps
         progress = tqdm(range(args.max_train_steps), initial=self.global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-        metrics_file = self.output_dir / args.logging_dir / "metrics.jsonl"
-        facts = {}
         while self.global_step < args.max_train_steps:
             epoch, skip = divmod(self.global_step, steps_per_epoch)
             self.dataloader.set_epoch(epoch)
             self.transform.set_epoch(epoch)
             batches = accelerator.skip_first_batches(self.dataloader, skip * args.gradient_accumulation_steps)
-            facts = self.train_epoch(batches, progress, metrics_file) or facts
+            self.train_epoch(batches, progress)
         progress.close()
-        return facts
+        if self.global_step % args.checkpointing_steps:  # the end of training is always resumable
+            self.save_checkpoint()
 
-    def train_epoch(self, batches, progress, metrics_file) -> dict:
+    def train_epoch(self, batches, progress) -> None:
         args, accelerator = self.args, self.accelerator
-        indices, losses, micro_step, started, facts = [], [], 0, time.perf_counter(), {}
+        indices, losses, micro_step, started = [], [], 0, time.perf_counter()
         for images in batches:
             with accelerator.accumulate(*self.models):
                 loss, batch_indices, stats = self.micro_batch_loss(images, micro_step)
@@ -355,7 +362,7 @@ class Trainer:
                 "images_per_second": self.global_batch / (time.perf_counter() - started),
                 **stats,
             }
-            self.log(facts, metrics_file)
+            self.log(facts)
             progress.update(1)
             progress.set_postfix(loss=f"{facts['loss']:.4f}", img_s=f"{facts['images_per_second']:.0f}")
             indices, losses, micro_step, started = [], [], 0, time.perf_counter()
@@ -365,14 +372,13 @@ class Trainer:
                 self.validate()
             if self.global_step >= args.max_train_steps:
                 break
-        return facts
 
     # ----- logging and outputs -----------------------------------------------------------------------------------
-    def log(self, facts: dict, metrics_file: Path) -> None:
+    def log(self, facts: dict) -> None:
         self.accelerator.log(facts, step=self.global_step)
         if self.accelerator.is_main_process:
-            metrics_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(metrics_file, "a", encoding="utf-8") as file:
+            self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_file, "a", encoding="utf-8") as file:
                 file.write(json.dumps(facts) + "\n")
 
     def pipeline(self) -> QACPipeline:
@@ -412,14 +418,16 @@ class Trainer:
         checksums = self.accelerator.gather(checksum)
         return bool((checksums == checksums[0]).all())
 
-    def save_final(self, facts: dict, dataset_name: str, training_config: dict) -> None:
+    def save_final(self, dataset_name: str, training_config: dict) -> None:
         """The EMA pipeline, a sample grid and the model card in output_dir; pushed to the Hub when asked."""
-        facts = {**facts, "processes_in_sync": self.processes_in_sync()}
-        if not facts["processes_in_sync"]:
+        in_sync = self.processes_in_sync()
+        if not in_sync:
             logger.warning("The processes hold different parameters: the distributed setup is broken.")
         if not self.accelerator.is_main_process:
             return
         args = self.args
+        # The last step's facts (also when a resumed run found nothing left to train)
+        facts = {**json.loads(self.metrics_file.read_text().splitlines()[-1]), "processes_in_sync": in_sync}
         self.pipeline().save_pretrained(self.output_dir)
         self.sample_grid().save(self.output_dir / "samples.png")
         usage = None if self.ema_encoder is None else code_usage(self.ema_encoder.code_weights)
@@ -461,7 +469,9 @@ def main(argv: list[str] | None = None) -> None:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
@@ -491,9 +501,9 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("train_qac", config={k: v for k, v in public_args.items() if v is not None})
 
-    facts = trainer.train(checkpoint)
+    trainer.train(checkpoint)
     accelerator.wait_for_everyone()
-    trainer.save_final(facts, args.dataset_name or args.train_data_dir or "digits", training_config)
+    trainer.save_final(args.dataset_name or args.train_data_dir or "digits", training_config)
     accelerator.end_training()
 
 

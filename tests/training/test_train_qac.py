@@ -84,6 +84,13 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
     for component in ("unet", "encoder"):
         whole, parts = weights(tmp_path / "whole", component), weights(tmp_path / "parts", component)
         assert all(torch.equal(whole[key], parts[key]) for key in whole), component
+    # The end of training is a checkpoint too: resuming a finished run (a second `make demo`) trains nothing.
+    assert sorted(p.name for p in (tmp_path / "parts").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-7"]
+    train(tmp_path / "parts", *flags, "--resume_from_checkpoint", "latest")
+    assert [m["step"] for m in metrics(tmp_path / "parts")] == list(range(1, 8))
+    # Resuming from an earlier checkpoint trains steps 5-7 again; the metrics log keeps one line per step.
+    train(tmp_path / "parts", *flags, "--resume_from_checkpoint", str(tmp_path / "parts" / "checkpoint-4"))
+    assert [m["loss"] for m in metrics(tmp_path / "parts")] == [m["loss"] for m in metrics(tmp_path / "whole")]
 
 
 def test_checkpoints_are_limited_and_a_half_written_one_is_ignored(tmp_path):
