@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 import torch  # noqa: E402
@@ -206,6 +207,7 @@ def plot(distances: dict, floor: float, path: Path) -> None:
         axis.axhline(floor, color="grey", linestyle=":", label="real vs held-out")
         axis.set(title=solver, xlabel="NFE", ylabel="Frechet distance", yscale="log", xscale="log")
         axis.set_xticks(nfes, [str(n) for n in nfes])
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
