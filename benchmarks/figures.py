@@ -2,7 +2,14 @@
 
     python benchmarks/figures.py --model demo-output/qac-digits                 # after `make demo`
 
-Writes benchmarks/results/{editing,variations,interpolation}.png. The inputs are digits of the embedded data set
+The embedded digits are grey, so the colorization row needs a 3-channel model; this makes one from tinted digits:
+
+    python benchmarks/figures.py --write_colour_digits benchmarks/work/colour-digits
+    python train_qac.py --train_data_dir benchmarks/work/colour-digits --output_dir benchmarks/work/qac-colour-digits \
+        --max_train_steps 2000
+    python benchmarks/figures.py --color_model benchmarks/work/qac-colour-digits
+
+Writes benchmarks/results/{editing,variations,interpolation,colorization}.png. The inputs are digits of the embedded data set
 (which the demo model was trained on).
 """
 
@@ -22,6 +29,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO_ROOT / "demo-output" / "qac-digits"))
+    parser.add_argument("--color_model", help="A 3-channel model: writes colorization.png.")
+    parser.add_argument("--write_colour_digits", help="Write the digits, tinted by class, as an image folder; then stop.")
     parser.add_argument("--num_images", type=int, default=8)
     parser.add_argument("--steps", type=int, default=40, help="Steps of the editing algorithm (paper: 40).")
     parser.add_argument("--seed", type=int, default=0)
@@ -65,10 +74,40 @@ def editing_rows(pipe: QACImageEditPipeline, digits: list[PIL.Image.Image], args
     return rows
 
 
+def tint(digit: PIL.Image.Image, label: int) -> PIL.Image.Image:
+    """A grey digit coloured by its class: hue label / 10 at full saturation, brightness = the grey level."""
+    hue = PIL.Image.new("L", digit.size, int(255 * label / 10))
+    return PIL.Image.merge("HSV", (hue, PIL.Image.new("L", digit.size, 255), digit)).convert("RGB")
+
+
+def write_colour_digits(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    digits = load_digits_dataset()
+    for index, (digit, label) in enumerate(zip(digits["image"], digits["label"])):
+        tint(digit, label).save(folder / f"{index:04d}.png")
+    print(f"Wrote {len(digits)} tinted digits to {folder}")
+
+
+def colorization_rows(pipe: QACImageEditPipeline, args) -> list[PIL.Image.Image]:
+    """Rows: a tinted digit, its grey version (the input), the colorized result."""
+    digits = load_digits_dataset()[: args.num_images]
+    coloured = [tint(digit, label) for digit, label in zip(digits["image"], digits["label"])]
+    grey = [image.convert("L") for image in coloured]
+    output = pipe(grey, task="colorize", num_inference_steps=args.steps, generator=seeded(args.seed))
+    return [image_grid(images, columns=len(images)) for images in (coloured, output.degraded, output.images)]
+
+
 def main() -> None:
     args = parse_args()
+    if args.write_colour_digits:
+        write_colour_digits(Path(args.write_colour_digits))
+        return
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
+    if args.color_model:
+        stack_rows(colorization_rows(load(args.color_model), args)).save(results_dir / "colorization.png")
+        print(f"Wrote colorization.png to {results_dir}")
+        return
     pipe = load(args.model)
     digits = load_digits_dataset()["image"][: args.num_images]
 
