@@ -39,7 +39,8 @@ from qac_diffusers.schedulers import SOLVERS, solver_from_config  # noqa: E402
 from qac_diffusers.utils import image_grid  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("baseline", "qac")
+# The models compared, each a train_qac.py run with these extra flags.
+MODEL_FLAGS = {"baseline": ["--no_condition"], "qac": [], "qac_identity": ["--straight_through", "identity"]}
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,6 +49,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--resolution", type=int)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODEL_FLAGS), default=["baseline", "qac"],
+                        help="qac_identity: QAC with the paper's literal straight-through estimator.")
+    parser.add_argument("--results_name", help="Defaults to few_step_quality_<dataset>.")
     parser.add_argument("--max_train_steps", type=int, default=2500)
     parser.add_argument("--train_batch_size", type=int, default=128)
     parser.add_argument("--holdout_fraction", type=float, default=0.3)
@@ -84,7 +88,7 @@ def train_models(args: argparse.Namespace, data_folder: Path, work_dir: Path) ->
     """Train (or reuse) every (model, seed); returns the training seconds and images/s of each."""
     timings = {}
     for seed in args.seeds:
-        for model in MODELS:
+        for model in args.models:
             output_dir = work_dir / f"{model}-seed{seed}"
             if not (output_dir / "model_index.json").is_file():
                 command = [
@@ -95,7 +99,7 @@ def train_models(args: argparse.Namespace, data_folder: Path, work_dir: Path) ->
                     "--checkpointing_steps", str(args.max_train_steps),
                 ]
                 command += ["--resolution", str(args.resolution)] if args.resolution else []
-                command += ["--no_condition"] if model == "baseline" else []
+                command += MODEL_FLAGS[model]
                 print(f"Training {output_dir.name} ...", flush=True)
                 started = time.perf_counter()
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -123,11 +127,11 @@ def evaluate_models(args, work_dir: Path, classifier, heldout_features) -> tuple
     distances, usage = {}, {}
     nfes = sorted(set(args.nfe) | {args.reference_nfe})
     for seed in args.seeds:
-        for model in MODELS:
+        for model in args.models:
             pipe = QACPipeline.from_pretrained(work_dir / f"{model}-seed{seed}")
             pipe.set_progress_bar_config(disable=True)
             if pipe.encoder is not None:
-                usage[f"seed{seed}"] = code_usage(pipe.encoder.code_weights)
+                usage[f"{model}-seed{seed}"] = code_usage(pipe.encoder.code_weights)
             default_config = pipe.scheduler.config
             for solver in args.solvers:
                 pipe.scheduler = solver_from_config(solver, default_config)
@@ -141,9 +145,9 @@ def evaluate_models(args, work_dir: Path, classifier, heldout_features) -> tuple
 
 def straightness(args, work_dir: Path, heldout_images: torch.Tensor) -> dict:
     """Paper Table 1's columns for each model: trajectory curvature and L_CFM on the held-out images, per seed."""
-    results = {model: {"curvature": [], "L_CFM": []} for model in MODELS}
+    results = {model: {"curvature": [], "L_CFM": []} for model in args.models}
     for seed in args.seeds:
-        for model in MODELS:
+        for model in args.models:
             pipe = QACPipeline.from_pretrained(work_dir / f"{model}-seed{seed}")
             generator = torch.Generator().manual_seed(2000 + seed)
             curvature = pipeline_curvature(pipe, args.curvature_samples, args.curvature_steps, generator=generator)
@@ -173,10 +177,10 @@ def markdown_report(args, distances: dict, floor: float, usage: dict, timings: d
         "",
     ]
     for solver, by_model in distances.items():
-        lines += [f"## {solver}", "", "| NFE | baseline | QAC | QAC / baseline |", "|---|---|---|---|"]
-        for nfe in by_model["qac"]:
-            base, qac = by_model["baseline"][nfe], by_model["qac"][nfe]
-            lines.append(f"| {nfe} | {mean_std(base)} | {mean_std(qac)} | {np.mean(qac) / np.mean(base):.2f} |")
+        models = list(by_model)
+        lines += [f"## {solver}", "", f"| NFE | {' | '.join(models)} |", "|---" * (len(models) + 1) + "|"]
+        for nfe in by_model[models[0]]:
+            lines.append(f"| {nfe} | {' | '.join(mean_std(by_model[model][nfe]) for model in models)} |")
         lines.append("")
     lines += [
         "## Straightness (paper Table 1's columns)", "",
@@ -186,10 +190,10 @@ def markdown_report(args, distances: dict, floor: float, usage: dict, timings: d
     ]
     lines += [f"| {model} | {mean_std(values['curvature'], 4)} | {mean_std(values['L_CFM'], 4)} |"
               for model, values in straight.items()]
-    lines += ["", "## Code usage of the QAC models (EMA code weights)", "", "| seed | codes used | perplexity | "
+    lines += ["", "## Code usage of the QAC models (EMA code weights)", "", "| run | codes used | perplexity | "
               "largest share | codes for half the weight |", "|---|---|---|---|---|"]
-    for seed, stats in usage.items():
-        lines.append(f"| {seed} | {stats['codes_used']} | {stats['perplexity']:.1f} | {stats['largest_share']:.3f} "
+    for run, stats in usage.items():
+        lines.append(f"| {run} | {stats['codes_used']} | {stats['perplexity']:.1f} | {stats['largest_share']:.3f} "
                      f"| {stats['codes_for_half_weight']} |")
     lines += ["", "## Training throughput (median images/s, this machine)", "", "| run | images/s |", "|---|---|"]
     lines += [f"| {run} | {timing['images_per_second']:.0f} |" for run, timing in timings.items()]
@@ -217,7 +221,7 @@ def sample_grids(args, work_dir: Path, path: Path) -> None:
     """Baseline and QAC samples side by side at the smallest NFE and at 6, same seed and noise."""
     rows = []
     for nfe in (min(args.nfe), 6):
-        for model in MODELS:
+        for model in args.models:
             pipe = QACPipeline.from_pretrained(work_dir / f"{model}-seed{args.seeds[0]}")
             pipe.set_progress_bar_config(disable=True)
             images = pipe(batch_size=16, num_inference_steps=nfe, generator=torch.Generator().manual_seed(0)).images
@@ -235,7 +239,7 @@ def main() -> None:
     train_split, heldout_split, data_folder = split_dataset(args, work_dir)
     timings = train_models(args, data_folder, work_dir)
 
-    resolution = QACPipeline.from_pretrained(work_dir / f"qac-seed{args.seeds[0]}").image_shape[1]
+    resolution = QACPipeline.from_pretrained(work_dir / f"{args.models[0]}-seed{args.seeds[0]}").image_shape[1]
     train_images, train_labels = to_tensor(train_split, resolution)
     heldout_images, heldout_labels = to_tensor(heldout_split, resolution)
     classifier = train_feature_classifier(train_images, train_labels, seed=0)
@@ -245,11 +249,12 @@ def main() -> None:
     distances, usage = evaluate_models(args, work_dir, classifier, heldout_features)
     straight = straightness(args, work_dir, heldout_images)
 
-    stem = results_dir / f"few_step_quality_{args.dataset}"
+    stem = results_dir / (args.results_name or f"few_step_quality_{args.dataset}")
     report = markdown_report(args, distances, floor, usage, timings, straight)
     report += f"\nFeature classifier accuracy on the held-out split: {accuracy:.3f}.\n"
-    report += f"\n![FD against NFE]({stem.name}.png)\n\n![Samples: rows baseline, QAC at NFE {min(args.nfe)}, then " \
-              f"baseline, QAC at NFE 6]({stem.name}_samples.png)\n"
+    models = ", ".join(args.models)
+    report += f"\n![FD against NFE]({stem.name}.png)\n\n![Samples: rows {models} at NFE {min(args.nfe)}, then " \
+              f"at NFE 6]({stem.name}_samples.png)\n"
     stem.with_suffix(".md").write_text(report)
     stem.with_suffix(".json").write_text(json.dumps(
         {"args": vars(args), "frechet_distance": distances, "real_vs_heldout": floor, "code_usage": usage,
