@@ -342,9 +342,7 @@ class QACPipeline(DiffusionPipeline):
         if isinstance(images, PIL.Image.Image):
             images = [images]
         if isinstance(images, list):
-            mode = "L" if self.image_shape[0] == 1 else "RGB"
-            arrays = [np.asarray(image.convert(mode), dtype=np.float32) / 127.5 - 1 for image in images]
-            images = torch.from_numpy(np.stack(arrays)).reshape(len(arrays), *arrays[0].shape[:2], -1).permute(0, 3, 1, 2)
+            images = pil_to_tensor(images, mode="L" if self.image_shape[0] == 1 else "RGB") / 127.5 - 1
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(
@@ -421,6 +419,16 @@ class QACPipeline(DiffusionPipeline):
         if not return_dict:
             return images, code_indices
         return QACPipelineOutput(images=images, code_indices=code_indices)
+
+
+def pil_to_tensor(images: PIL.Image.Image | list[PIL.Image.Image], mode: str) -> torch.Tensor:
+    """PIL image(s) converted to `mode`, as a float tensor of shape `(batch, channels, height, width)` in [0, 255]."""
+    images = [images] if isinstance(images, PIL.Image.Image) else images
+    if len({image.size for image in images}) > 1:
+        sizes = sorted({image.size for image in images})
+        raise ValueError(f"The PIL images have different sizes {sizes}: resize them to one size.")
+    arrays = [np.asarray(image.convert(mode), dtype=np.float32) for image in images]
+    return torch.from_numpy(np.stack(arrays)).reshape(len(arrays), *arrays[0].shape[:2], -1).permute(0, 3, 1, 2)
 
 
 def _check_components(unet: QACUNet2DModel, encoder: FSQConditionEncoder | None) -> None:

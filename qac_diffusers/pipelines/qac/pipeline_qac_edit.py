@@ -10,7 +10,7 @@ from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from .editing_operators import LinearDegradation, colorization, inpainting, super_resolution
-from .pipeline_qac import OUTPUT_TYPES, QACPipeline
+from .pipeline_qac import OUTPUT_TYPES, QACPipeline, pil_to_tensor
 from ...schedulers.scheduling_ipndm import karras_sigmas
 
 EXAMPLE_DOC_STRING = """
@@ -147,7 +147,7 @@ class QACImageEditPipeline(QACPipeline):
             `tuple` `(z, degradation)`.
         """
         z = self.images_to_tensor(image)
-        omega = _to_tensor(mask, mode="L") / 255 if _is_pil(mask) else mask
+        omega = pil_to_tensor(mask, mode="L") / 255 if _is_pil(mask) else mask
         if not isinstance(omega, torch.Tensor) or omega.ndim not in (2, 4):
             got = tuple(omega.shape) if isinstance(omega, torch.Tensor) else type(omega).__name__
             raise ValueError(f"`mask` must be PIL image(s) or a tensor of shape (height, width) or 4-D, got {got}.")
@@ -187,7 +187,7 @@ class QACImageEditPipeline(QACPipeline):
                     f"task='colorize' takes grey images (PIL mode 'L'), got mode(s) {colour_modes}: pass "
                     "image.convert('L')."
                 )
-            grey = _to_tensor(images, mode="L") / 127.5 - 1
+            grey = pil_to_tensor(images, mode="L") / 127.5 - 1
         if not isinstance(grey, torch.Tensor) or grey.ndim != 4 or grey.shape[1] != 1:
             got = tuple(grey.shape) if isinstance(grey, torch.Tensor) else type(grey).__name__
             raise ValueError(f"task='colorize' takes grey images of shape (batch, 1, height, width), got {got}.")
@@ -214,7 +214,7 @@ class QACImageEditPipeline(QACPipeline):
             raise ValueError(
                 f"`factor` must be an integer >= 1 that divides the model size {width}x{height}, got {factor!r}."
             )
-        low = _to_tensor(image, mode="L" if channels == 1 else "RGB") / 127.5 - 1 if _is_pil(image) else image
+        low = pil_to_tensor(image, mode="L" if channels == 1 else "RGB") / 127.5 - 1 if _is_pil(image) else image
         expected = (channels, height // factor, width // factor)
         if not isinstance(low, torch.Tensor) or low.ndim != 4 or tuple(low.shape[1:]) != expected:
             got = tuple(low.shape) if isinstance(low, torch.Tensor) else type(low).__name__
@@ -296,16 +296,6 @@ def _is_pil(images) -> bool:
     if isinstance(images, list):
         return bool(images) and all(isinstance(image, PIL.Image.Image) for image in images)
     return isinstance(images, PIL.Image.Image)
-
-
-def _to_tensor(images: PIL.Image.Image | list[PIL.Image.Image], mode: str) -> torch.Tensor:
-    """PIL image(s) converted to `mode`, as a float tensor of shape `(batch, channels, height, width)` in [0, 255]."""
-    images = [images] if isinstance(images, PIL.Image.Image) else images
-    if len({image.size for image in images}) > 1:
-        sizes = sorted({image.size for image in images})
-        raise ValueError(f"The PIL images have different sizes {sizes}: resize them to one size.")
-    arrays = [np.asarray(image.convert(mode), dtype=np.float32) for image in images]
-    return torch.from_numpy(np.stack(arrays)).reshape(len(arrays), *arrays[0].shape[:2], -1).permute(0, 3, 1, 2)
 
 
 def _size(images: torch.Tensor) -> str:
