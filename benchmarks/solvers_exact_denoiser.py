@@ -383,8 +383,8 @@ def summary_text(results: dict, nfes: list[int]) -> list[str]:
             "training image than x_ref"
             + (" (the RMS is dominated by those few samples)."
                if unconditional["median"]["iPNDM+AFS"][last] < errors["iPNDM+AFS"][last] / 3 else "."),
-            f"  Class-conditional exact flow (what adaptive conditions approximate): error ratio cond./uncond. "
-            f"for iPNDM+AFS averages "
+            "  Class-conditional exact flow (what adaptive conditions approximate): error ratio cond./uncond. "
+            "for iPNDM+AFS averages "
             + ", ".join(f"{mean_ratio(r['cond_over_uncond']['iPNDM+AFS'], a, b)} over NFE {a}-{b}" for a, b in bins)
             + "; best solver cond. / best solver uncond. averages "
             + ", ".join(f"{mean_ratio(r['best_cond_over_best_uncond'], a, b)} over NFE {a}-{b}" for a, b in bins)
