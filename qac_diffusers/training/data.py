@@ -29,8 +29,15 @@ from sklearn.datasets import load_digits
 BUILTIN_DATASETS = ("digits", "animal-mnist")
 # The column that `load_image_dataset` adds: the row number, which keys the random augmentation of each example.
 INDEX_COLUMN = "example_index"
-# Modes that hold one grey channel; every other 8-bit mode is treated as colour.
-GREY_MODES = ("1", "L", "LA")
+# PIL's modes of 16-bit grey images (PNG, TIFF): unsigned, so their range is 0..65535.
+SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Modes that hold one grey channel; every other mode is treated as colour.
+GREY_MODES = ("1", "L", "LA", *SIXTEEN_BIT_GREY_MODES)
+# What to do with images of a mode that has no known value range (32-bit integers, floats).
+UNKNOWN_RANGE_FIX = (
+    "their value range is unknown, so they cannot be scaled to [-1, 1]. Convert them to 8-bit (mode 'L' or 'RGB') "
+    "or 16-bit grey (mode 'I;16') images."
+)
 # Label order of the animal-mnist package (its metadata lists the classes in this order).
 ANIMAL_MNIST_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 # The only globals the animal-mnist pickles reference: plain numpy arrays. Anything else is refused.
@@ -165,27 +172,47 @@ def _check_dataset(dataset: datasets.Dataset, image_column: str) -> None:
         raise ValueError("The data set has no rows. Check `split`, `dataset_config_name` and the data files.")
 
 
-def _undecodable_images(dataset: datasets.Dataset, image_column: str) -> list[str]:
-    """The files (or row numbers, for images stored as bytes) that PIL cannot decode, each with its error."""
+def _has_unknown_range(mode: str) -> bool:
+    """Whether images of this PIL mode have no value range to scale to [-1, 1]: 32-bit integers ("I") and floats."""
+    return mode.startswith(("I", "F")) and mode not in SIXTEEN_BIT_GREY_MODES
+
+
+def _unusable_images(dataset: datasets.Dataset, image_column: str) -> tuple[list[str], list[str]]:
+    """The files (or row numbers, for images stored as bytes) that PIL cannot decode, each with its error, and those
+    of a mode without a known value range, each with its mode."""
     undecoded = dataset.cast_column(image_column, datasets.Image(decode=False))
     decoder = datasets.Image()
-    failures = []
+    undecodable, unknown_range = [], []
     for row, value in enumerate(undecoded[image_column]):
+        name = value["path"] or f"row {row}"
         try:
-            decoder.decode_example(value)
+            mode = decoder.decode_example(value).mode
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... depending on the format
-            failures.append(f"{value['path'] or f'row {row}'} ({type(error).__name__}: {error})")
-    return failures
+            undecodable.append(f"{name} ({type(error).__name__}: {error})")
+            continue
+        if _has_unknown_range(mode):
+            unknown_range.append(f"{name} (mode {mode!r})")
+    return undecodable, unknown_range
 
 
-def _check_images_decode(dataset: datasets.Dataset, image_column: str) -> None:
-    """Decode every image once, as `datasets` will during training, so a corrupt file fails before training starts."""
-    failures = _undecodable_images(dataset, image_column)
-    if failures:
-        more = f" and {len(failures) - _MAX_NAMED_FILES} more" if len(failures) > _MAX_NAMED_FILES else ""
+def _named(files: list[str]) -> str:
+    more = f" and {len(files) - _MAX_NAMED_FILES} more" if len(files) > _MAX_NAMED_FILES else ""
+    return "; ".join(files[:_MAX_NAMED_FILES]) + more
+
+
+def _check_images(dataset: datasets.Dataset, image_column: str) -> None:
+    """Decode every image once, as `datasets` will during training, so that a corrupt file or one that cannot be
+    scaled to [-1, 1] fails before training starts."""
+    undecodable, unknown_range = _unusable_images(dataset, image_column)
+    if undecodable:
         raise ValueError(
-            f"{len(failures)} of {len(dataset)} images cannot be decoded: {'; '.join(failures[:_MAX_NAMED_FILES])}"
-            f"{more}. Remove or replace these files."
+            f"{len(undecodable)} of {len(dataset)} images cannot be decoded: {_named(undecodable)}. "
+            "Remove or replace these files."
+        )
+    if unknown_range:
+        raise ValueError(
+            f"{len(unknown_range)} of {len(dataset)} images are 32-bit integer or float images: "
+            f"{_named(unknown_range)}; {UNKNOWN_RANGE_FIX}"
         )
 
 
@@ -201,9 +228,10 @@ def load_image_dataset(
     Load the training images, checking them before any training starts.
 
     The arguments mirror the flags of diffusers' `train_unconditional.py`. Local data (`train_data_dir`, or a
-    `dataset_name` that is a local folder) is decoded once here, so that a corrupt file raises a `ValueError` naming
-    it instead of failing mid-training inside a DataLoader worker; this costs one extra decode of every image (about
-    0.06 ms for a 64x64 PNG). Hub data sets are not decoded upfront (that would read the whole data set).
+    `dataset_name` that is a local folder) is decoded once here, so that a corrupt file, or one of a mode without a
+    known value range, raises a `ValueError` naming it instead of failing mid-training inside a DataLoader worker;
+    this costs one extra decode of every image (about 0.06 ms for a 64x64 PNG). Hub data sets are not decoded upfront
+    (that would read the whole data set; [`infer_num_channels`] checks a sample of them).
 
     Args:
         dataset_name (`str`, *optional*):
@@ -228,7 +256,7 @@ def load_image_dataset(
     Raises:
         `ValueError`: if both `dataset_name` and `train_data_dir` are given, the folder does not exist or holds no
         images, `image_column` is not an image column of the data set, the data set is empty, or a local image
-        cannot be decoded.
+        cannot be decoded or is a 32-bit integer or float image (16-bit grey images are scaled from 0..65535).
     """
     if dataset_name is not None and train_data_dir is not None:
         raise ValueError(
@@ -245,7 +273,7 @@ def load_image_dataset(
         dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
     _check_dataset(dataset, image_column)
     if train_data_dir is not None or os.path.isdir(dataset_name):
-        _check_images_decode(dataset, image_column)
+        _check_images(dataset, image_column)
     if INDEX_COLUMN in dataset.column_names:
         raise ValueError(f"The data set already has a column {INDEX_COLUMN!r}; rename it, this loader adds its own.")
     return dataset.add_column(INDEX_COLUMN, np.arange(len(dataset)))
@@ -263,20 +291,30 @@ def infer_num_channels(dataset: datasets.Dataset, image_column: str = "image") -
         image_column (`str`, defaults to `"image"`): the column that holds the images.
 
     Returns:
-        `int`: 1 if every inspected image has a grey mode ("1", "L" or "LA"), else 3.
+        `int`: 1 if every inspected image has a grey mode ("1", "L", "LA" or 16-bit grey "I;16"), else 3.
+
+    Raises:
+        `ValueError`: if an inspected image is a 32-bit integer or float image (a Hub data set's images are only
+        checked here, before training; a local folder's are all checked by [`load_image_dataset`]).
     """
     rows = np.unique(np.linspace(0, len(dataset) - 1, num=min(16, len(dataset))).round().astype(int))
     modes = {image.mode for image in dataset.select(rows)[image_column]}
+    unknown_range = sorted(mode for mode in modes if _has_unknown_range(mode))
+    if unknown_range:
+        raise ValueError(
+            f"The data set holds images of mode {unknown_range} (32-bit integer or float); {UNKNOWN_RANGE_FIX}"
+        )
     return 1 if modes <= set(GREY_MODES) else 3
 
 
 def _convert_mode(image: Image.Image, channels: int) -> Image.Image:
-    """Grey ("L") for 1 channel, "RGB" for 3; PIL's ITU-R 601-2 luma for colour to grey, alpha is dropped."""
-    if image.mode.startswith(("I", "F")):
-        raise ValueError(
-            f"Images of mode {image.mode!r} (16/32-bit integer or float) are not supported: PIL would clip them to "
-            "8 bits. Convert the data set to 8-bit images (mode 'L' or 'RGB')."
-        )
+    """Grey ("L") for 1 channel, "RGB" for 3; PIL's ITU-R 601-2 luma for colour to grey, alpha is dropped. A 16-bit
+    grey image becomes a float ("F") image of the same values scaled to [0, 255]: `_to_tensor` then scales it as an
+    8-bit image, and the resize keeps its 16-bit precision (PIL's conversion to "L" would clip it at 255)."""
+    if image.mode in SIXTEEN_BIT_GREY_MODES:
+        return Image.fromarray(np.asarray(image, dtype=np.float32) * np.float32(255 / 65535))
+    if _has_unknown_range(image.mode):
+        raise ValueError(f"An image of mode {image.mode!r} is a 32-bit integer or float image; {UNKNOWN_RANGE_FIX}")
     target_mode = "L" if channels == 1 else "RGB"
     return image if image.mode == target_mode else image.convert(target_mode)
 
@@ -294,11 +332,12 @@ def _resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
     return image.resize(size, Image.BILINEAR)
 
 
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    """An 8-bit "L" or "RGB" image as a float32 tensor (C, H, W) in [-1, 1]: x / 127.5 - 1."""
+def _to_tensor(image: Image.Image, channels: int) -> torch.Tensor:
+    """An "L", "RGB" or "F" image (values in [0, 255]) as a float32 tensor (channels, H, W) in [-1, 1]:
+    x / 127.5 - 1. A grey "F" image fills every channel."""
     pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    channels = 1 if image.mode == "L" else 3
-    return torch.from_numpy(pixels.reshape(image.height, image.width, channels)).permute(2, 0, 1).contiguous()
+    pixels = torch.from_numpy(pixels.reshape(image.height, image.width, -1)).permute(2, 0, 1)
+    return pixels.expand(channels, -1, -1).contiguous()
 
 
 class ImageTransform:
@@ -380,7 +419,8 @@ class ImageTransform:
         Transform one image.
 
         Args:
-            image (`PIL.Image.Image`): an 8-bit image of any mode PIL converts to "L" or "RGB".
+            image (`PIL.Image.Image`): an 8-bit image of any mode PIL converts to "L" or "RGB", or a 16-bit grey
+                image (mode "I;16"), whose range 0..65535 is scaled to [-1, 1].
             index (`int`, *optional*): the example index; required when the transform is random.
 
         Returns:
@@ -398,7 +438,7 @@ class ImageTransform:
         # Drawn first, so that the flips do not depend on whether the crop is random.
         flip = self.random_flip and generator.random() < 0.5
         image = _resize_shorter_side(_convert_mode(image, self.channels), self.resolution)
-        pixels = _to_tensor(self._crop(image, generator))
+        pixels = _to_tensor(self._crop(image, generator), self.channels)
         return pixels.flip(-1) if flip else pixels
 
     def __call__(self, examples: dict[str, list]) -> dict[str, list[torch.Tensor]]:

@@ -2,6 +2,7 @@
 
 import importlib.util
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -132,8 +133,48 @@ def test_grey_and_rgb_conversions():
     rgb = ImageTransform(4, channels=3).preprocess(grey)
     assert rgb.shape == (3, 4, 4)
     torch.testing.assert_close(rgb, ImageTransform(4, channels=1).preprocess(grey).expand(3, 4, 4))
-    with pytest.raises(ValueError, match="mode 'I;16'"):
-        ImageTransform(4, channels=1).preprocess(Image.fromarray(GRADIENT.astype(np.uint16)))
+    with pytest.raises(ValueError, match="mode 'I' is a 32-bit integer or float image; their value range is unknown"):
+        ImageTransform(4, channels=1).preprocess(Image.fromarray(GRADIENT.astype(np.int32)))
+
+
+def save_16_bit_png(path, values: np.ndarray) -> None:
+    Image.fromarray(values.astype(np.uint16)).save(path)
+    assert Image.open(path).mode == "I;16"  # what PIL reads back from a 16-bit grey PNG
+
+
+def test_16_bit_pngs_load_and_scale_their_full_range(tmp_path):
+    folder = tmp_path / "sixteen"
+    folder.mkdir()
+    save_16_bit_png(folder / "ends.png", np.array([[0, 1000], [32768, 65535]]))
+    save_16_bit_png(folder / "gradient.png", GRADIENT.astype(np.uint16) * 257)  # the 8-bit gradient, widened
+    dataset = load_folder(folder, tmp_path)
+    assert infer_num_channels(dataset) == 1
+    ends, gradient = (ImageTransform(4, channels=1).preprocess(row["image"]) for row in dataset)
+    # 0..65535 is scaled to [-1, 1]: v / 32767.5 - 1.
+    expected = torch.tensor([[0, 1000], [32768, 65535]], dtype=torch.float64) / 32767.5 - 1
+    torch.testing.assert_close(ImageTransform(2, channels=1).preprocess(dataset[0]["image"])[0].double(), expected)
+    assert ends.shape == (1, 4, 4)
+    torch.testing.assert_close(gradient, ImageTransform(4, channels=1).preprocess(Image.fromarray(GRADIENT)))
+    rgb = ImageTransform(4, channels=3).preprocess(dataset[1]["image"])
+    torch.testing.assert_close(rgb, gradient.expand(3, 4, 4))
+
+
+def test_16_bit_precision_survives_the_resize(tmp_path):
+    save_16_bit_png(tmp_path / "faint.png", np.array([[0, 2], [2, 0]]))
+    # The antialiased mean is 1 of 65535, below one 8-bit step: clipped to 8 bits it would be exactly -1.
+    pixels = ImageTransform(1, channels=1).preprocess(Image.open(tmp_path / "faint.png"))
+    assert pixels.item() == pytest.approx(1 / 32767.5 - 1, abs=1e-7)
+    assert pixels.item() > -1
+
+
+def test_32_bit_images_fail_when_loaded(image_folder, tmp_path):
+    Image.fromarray(np.ones((8, 8), np.float32)).save(image_folder / "dog" / "float.tiff")
+    message = r"1 of 5 images are 32-bit integer or float images: .*float\.tiff \(mode 'F'\); their value range"
+    with pytest.raises(ValueError, match=message):
+        load_folder(image_folder, tmp_path)
+    dataset = datasets.Dataset.from_dict({"image": [Image.fromarray(np.ones((8, 8), np.int32))]})
+    with pytest.raises(ValueError, match=r"images of mode \['I'\] \(32-bit integer or float\); their value range"):
+        infer_num_channels(dataset)
 
 
 def test_random_flips_are_deterministic_and_keyed_by_seed_epoch_index():
