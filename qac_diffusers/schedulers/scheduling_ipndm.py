@@ -22,7 +22,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -102,6 +102,14 @@ def variable_step_adams_bashforth_weights(sigmas: Sequence[float], sigma_next: f
                 basis = np.polynomial.polynomial.polymul(basis, [-node_m, 1.0]) / (node_j - node_m)
         weights.append(float(np.polynomial.polynomial.polyval(1.0, np.polynomial.polynomial.polyint(basis))))
     return tuple(weights)
+
+
+class ScheduleNotSetError(ValueError, AttributeError):
+    """
+    The scheduler was used before `set_timesteps`. A `ValueError`, and an `AttributeError` so that `hasattr`,
+    `getattr(scheduler, name, default)` and `inspect.getmembers` see the schedule-dependent `init_noise_sigma` of a
+    fresh scheduler as missing instead of raising.
+    """
 
 
 @dataclass
@@ -214,6 +222,13 @@ class IPNDMScheduler(SchedulerMixin, ConfigMixin):
         # (DDPM-based) scheduler: list this class instead.
         return [cls] + [c for c in super()._get_compatibles() if c.__name__ != cls.__name__]
 
+    def __getattr__(self, name: str) -> Any:
+        # Python answers an AttributeError raised inside a property by calling `__getattr__`, whose generic "has no
+        # attribute" error would hide why `init_noise_sigma` is missing: raise the schedule's own error again.
+        if name == "init_noise_sigma":
+            self._check_timesteps_set()
+        return super().__getattr__(name)
+
     @property
     def init_noise_sigma(self) -> float:
         """
@@ -222,7 +237,8 @@ class IPNDMScheduler(SchedulerMixin, ConfigMixin):
         Without the analytical first step this is `sigma_0 = sigma_max`. With it, the latents are `x_1 = k * x_0`,
         the result of the first Euler step `x_1 = x_0 + (sigma_1 - sigma_0) * d_0` with `d_0 = x_0 / sqrt(1 +
         sigma_0**2)`, so this is `sigma_0 * k` with `k = (sqrt(1 + sigma_0**2) + sigma_1 - sigma_0) / sqrt(1 +
-        sigma_0**2)`. As it depends on the schedule, `set_timesteps` must be called first.
+        sigma_0**2)`. As it depends on the schedule, `set_timesteps` must be called first: before, reading it raises
+        [`ScheduleNotSetError`] (a `ValueError` and an `AttributeError`, so `hasattr` returns `False`).
 
         Returns:
             `float`:
@@ -544,27 +560,40 @@ class IPNDMScheduler(SchedulerMixin, ConfigMixin):
         self,
         original_samples: torch.Tensor,
         noise: torch.Tensor,
-        sigmas: float | torch.Tensor,
+        timesteps: float | torch.Tensor | None = None,
+        *,
+        sigmas: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
-        Add noise to the original samples at the given noise levels: `original_samples + sigmas * noise`.
-
-        Unlike `EDMEulerScheduler.add_noise`, this takes the noise levels `sigmas` themselves, not timesteps of the
-        schedule, so it also serves training with continuous per-sample sigmas.
+        Add noise to the original samples: `original_samples + sigma * noise`, at the noise levels of `timesteps` (as
+        in `EDMEulerScheduler.add_noise`) or at the noise levels `sigmas` themselves (for training with continuous
+        per-sample noise levels). Pass exactly one of them.
 
         Args:
             original_samples (`torch.Tensor`):
                 The original samples, of shape `(batch_size, ...)`.
             noise (`torch.Tensor`):
                 The noise to add, of the same shape as `original_samples`.
-            sigmas (`float` or `torch.Tensor`):
-                The noise levels: a float, or a tensor of shape `(batch_size,)` (or `(batch_size, 1, ..., 1)`),
-                broadcast over the other dimensions.
+            timesteps (`float` or `torch.Tensor`, *optional*):
+                Timesteps `c_noise = ln(sigma) / 4`, e.g. from `scheduler.timesteps`: a float, or a tensor of shape
+                `(batch_size,)` (or `(batch_size, 1, ..., 1)`). Each gives the noise level `sigma = exp(4 *
+                timestep)`; for the timesteps of the schedule, the sigmas of the schedule.
+            sigmas (`float` or `torch.Tensor`, *optional*):
+                The noise levels, keyword only: a float, or a tensor of shape `(batch_size,)` (or `(batch_size, 1,
+                ..., 1)`).
 
         Returns:
             `torch.Tensor`:
                 The noisy samples.
         """
+        if (timesteps is None) == (sigmas is None):
+            raise ValueError(
+                "Pass either `timesteps` (c_noise, as in diffusers' EDM schedulers) or `sigmas=` (the noise levels) "
+                "to `add_noise`, not both and not neither."
+            )
+        if sigmas is None:
+            timesteps = torch.as_tensor(timesteps, device=original_samples.device)
+            sigmas = torch.exp(4 * timesteps.to(torch.promote_types(timesteps.dtype, torch.float32)))
         sigmas = torch.as_tensor(sigmas, dtype=original_samples.dtype, device=original_samples.device)
         sigmas = sigmas.reshape(-1, *([1] * (original_samples.ndim - 1)))
         noisy_samples = original_samples + sigmas * noise
@@ -602,6 +631,6 @@ class IPNDMScheduler(SchedulerMixin, ConfigMixin):
     def _check_timesteps_set(self) -> None:
         """Raise a clear error when the schedule has not been set."""
         if self.num_inference_steps is None:
-            raise ValueError(
+            raise ScheduleNotSetError(
                 "The schedule is not set: call `set_timesteps(num_inference_steps)` after creating the scheduler."
             )

@@ -48,7 +48,7 @@ class EDMLoss:
         Returns:
             `torch.Tensor`: the scalar loss.
         """
-        noisy = self.scheduler.add_noise(images, noise, sigma.flatten())
+        noisy = self.scheduler.add_noise(images, noise, sigmas=sigma.flatten())
         denoised = edm_denoise(unet, self.scheduler, noisy, sigma, code)
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         return (weight * (denoised - images) ** 2).mean()

@@ -1,3 +1,4 @@
+import inspect
 import math
 
 import numpy as np
@@ -245,12 +246,26 @@ def test_bad_num_inference_steps_raises(num_inference_steps):
         IPNDMScheduler().set_timesteps(num_inference_steps)
 
 
-def test_use_before_set_timesteps_raises():
+@pytest.mark.parametrize("error_class", [ValueError, AttributeError])
+def test_use_before_set_timesteps_raises(error_class):
     scheduler = IPNDMScheduler()
-    with pytest.raises(ValueError, match="call `set_timesteps"):
+    with pytest.raises(error_class, match="The schedule is not set: call `set_timesteps"):
         scheduler.init_noise_sigma
-    with pytest.raises(ValueError, match="call `set_timesteps"):
+    with pytest.raises(error_class, match="The schedule is not set: call `set_timesteps"):
         scheduler.step(torch.zeros(1), 0.5, torch.zeros(1))
+
+
+def test_attribute_probes_on_a_fresh_scheduler_do_not_raise():
+    # `init_noise_sigma` depends on the schedule: before `set_timesteps` it is missing, as an AttributeError tells
+    scheduler = IPNDMScheduler()
+    assert not hasattr(scheduler, "init_noise_sigma")
+    assert getattr(scheduler, "init_noise_sigma", None) is None
+    members = dict(inspect.getmembers(scheduler))
+    assert "init_noise_sigma" not in members and "config" in members
+
+    scheduler.set_timesteps(3)
+    assert hasattr(scheduler, "init_noise_sigma")
+    assert dict(inspect.getmembers(scheduler))["init_noise_sigma"] == scheduler.init_noise_sigma
 
 
 def test_timestep_not_in_schedule_raises():
@@ -367,14 +382,37 @@ def test_scale_model_input_uses_the_current_sigma():
 @pytest.mark.parametrize(
     "sigmas", [0.7, torch.tensor(0.7), torch.tensor([0.7, 3.0]), torch.tensor([0.7, 3.0]).view(2, 1, 1, 1)]
 )
-def test_add_noise(sigmas):
+def test_add_noise_at_noise_levels(sigmas):
     scheduler = IPNDMScheduler()
     original = latents()
     noise = latents() * -2.0
-    noisy = scheduler.add_noise(original, noise, sigmas)
+    noisy = scheduler.add_noise(original, noise, sigmas=sigmas)
     per_sample = torch.as_tensor(sigmas).flatten().expand(2).tolist()
     for i, sigma in enumerate(per_sample):
         torch.testing.assert_close(noisy[i], original[i] + sigma * noise[i])
+
+
+def test_add_noise_at_timesteps_as_diffusers_edm_schedulers():
+    # diffusers' convention: the third argument is a timestep of the schedule, c_noise = ln(sigma) / 4 (here
+    # negative for the smaller sigmas); the same timesteps give the noise level of EDMEulerScheduler.add_noise
+    scheduler = IPNDMScheduler(analytical_first_step=False, final_sigmas_type="zero")
+    reference = EDMEulerScheduler()
+    for s in (scheduler, reference):
+        s.set_timesteps(4)
+    torch.testing.assert_close(scheduler.timesteps, reference.timesteps)
+    assert (scheduler.timesteps < 0).any()
+    original = torch.zeros(4, 1, 2, 2)
+    noise = torch.ones(4, 1, 2, 2)
+    noisy = scheduler.add_noise(original, noise, scheduler.timesteps)
+    torch.testing.assert_close(noisy, reference.add_noise(original, noise, reference.timesteps), rtol=1e-6, atol=0)
+    torch.testing.assert_close(noisy[:, 0, 0, 0], scheduler.sigmas[:4], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"timesteps": torch.zeros(2), "sigmas": torch.ones(2)}])
+def test_add_noise_needs_timesteps_or_sigmas(kwargs):
+    sample = latents()
+    with pytest.raises(ValueError, match="Pass either `timesteps` .* or `sigmas=`"):
+        IPNDMScheduler().add_noise(sample, sample, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
