@@ -1,2 +1,2 @@
 from .scheduling_ipndm import IPNDMScheduler, IPNDMSchedulerOutput, ScheduleNotSetError
-from .solvers import SOLVERS, solver_from_config
+from .solvers import SOLVERS, EDMDPMSolverMultistepSigmaMinScheduler, EDMEulerSigmaMinScheduler, solver_from_config

@@ -538,18 +538,3 @@ def test_gaussian_few_step_errors_pinned(variable_step, expected):
     scheduler = IPNDMScheduler(variable_step=variable_step)
     errors = [gaussian_relative_error(scheduler, n) for n in (3, 4, 5, 6)]
     np.testing.assert_allclose(errors, expected, rtol=1e-4)
-
-
-def test_solvers_by_name_share_the_sigma_range():
-    from diffusers import EDMDPMSolverMultistepScheduler
-
-    from qac_diffusers.schedulers import SOLVERS, solver_from_config
-
-    config = IPNDMScheduler(sigma_max=60.0).config
-    for name in SOLVERS:
-        assert solver_from_config(name, config).config.sigma_max == 60.0
-    assert solver_from_config("ipndm_variable", config).config.variable_step is True
-    dpm = solver_from_config("dpmsolver3", config)
-    assert isinstance(dpm, EDMDPMSolverMultistepScheduler) and dpm.config.solver_order == 3
-    with pytest.raises(ValueError, match="Unknown solver 'heun'"):
-        solver_from_config("heun", config)
