@@ -14,6 +14,7 @@ from conftest import make_tiny_pipeline, seeded
 from qac_diffusers.training.code_usage import code_usage, codes_for_share, cumulative_shares, top_codes
 from qac_diffusers.utils import image_grid
 
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # With code_dim = 6: 5 = levels (1, 0, 1, 0, 0, 0) and 58 = (0, 1, 0, 1, 1, 1) (channel 0 first) differ everywhere.
 CODE_A, CODE_B = 5, 58
@@ -26,7 +27,9 @@ def pipe():
 
 def test_variations_share_the_reference_code_are_seeded_and_differ(pipe):
     references = pipe(batch_size=2, num_inference_steps=3, generator=seeded(1), output_type="pt").images * 2 - 1
-    output = pipe.variations(references, num_variations=3, num_inference_steps=3, generator=seeded(2), output_type="pt")
+    output = pipe.variations(
+        references, num_variations=3, num_inference_steps=3, generator=seeded(2), output_type="pt"
+    )
     assert output.images.shape == (6, 1, 8, 8)
     assert output.code_indices.tolist() == pipe.encode(references).repeat_interleave(3).tolist()
     again = pipe.variations(references, num_variations=3, num_inference_steps=3, generator=seeded(2), output_type="pt")
@@ -110,6 +113,13 @@ def test_linear_path_blends_the_levels(pipe):
 def test_bad_interpolate_arguments(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pipe.interpolate(**{"code_a": CODE_A, "code_b": CODE_B, **kwargs})
+
+
+def test_variations_refuse_references_outside_the_range(pipe):
+    with pytest.raises(ValueError, match=r"in \[-1, 1\], got values in \[0, 255\]"):
+        pipe.variations(torch.arange(64.0).reshape(1, 1, 8, 8) * 255 / 63)
+    with pytest.raises(ValueError, match="Got an empty list of images"):
+        pipe.variations([])
 
 
 def test_bad_variations_and_unconditional_pipeline(pipe):

@@ -1,5 +1,7 @@
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from diffusers import DiffusionPipeline, EDMDPMSolverMultistepScheduler, EDMEule
 from conftest import make_tiny_models, make_tiny_pipeline, seeded
 from qac_diffusers import IPNDMScheduler, QACPipeline
 from qac_diffusers.utils import image_grid
+
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -176,9 +179,75 @@ def test_bad_images_to_encode(pipe):
         pipe.encode([PIL.Image.new("L", (16, 16))])
 
 
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (torch.full((1, 1, 8, 8), 255.0), r"in \[-1, 1\], got values in \[255, 255\]: .* `images / 127.5 - 1`"),
+        (torch.full((1, 1, 8, 8), -1.5), r"got values in \[-1.5, -1.5\]"),
+        (torch.full((1, 1, 8, 8), float("nan")), r"in \[-1, 1\], got values in \[nan, nan\]"),
+        ([], "Got an empty list of images: pass at least one image."),
+        (torch.zeros(0, 1, 8, 8), r"Got no images \(a tensor of shape \(0, 1, 8, 8\)\)"),
+        ([torch.zeros(1, 8, 8)], r"A list of images must hold PIL images, got \['Tensor'\]"),
+    ],
+)
+def test_images_outside_the_range_or_no_images_are_refused(pipe, images, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.encode(images)
+
+
 def test_folder_without_a_pipeline_is_an_os_error(tmp_path):
     with pytest.raises(OSError, match="no model_index.json"):
         QACPipeline.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("path", ["no-such/parent/model", "./no-such-model", "/no/such/model"])
+def test_a_mistyped_local_path_is_named_as_missing(path):
+    with pytest.raises(FileNotFoundError, match=r"is not a folder \(no such directory: .*\) and not a Hub repo id"):
+        QACPipeline.from_pretrained(path)
+
+
+def test_a_path_to_a_file_asks_for_the_folder(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is a file: pass the folder that holds model_index.json"):
+        QACPipeline.from_pretrained(tmp_path / "model_index.json")
+
+
+def test_a_missing_folder_that_could_be_a_repo_id_names_both(fake_hub):
+    message = r"(?s)'no-such/model' is not a folder \(no such directory: .*\), and as a Hub repo id it could not be "
+    with pytest.raises(FileNotFoundError, match=message + ".*Repository Not Found"):
+        QACPipeline.from_pretrained("no-such/model")
+    with fake_hub.offline(), pytest.raises(FileNotFoundError, match=message + ".*outgoing traffic has been disabled"):
+        QACPipeline.from_pretrained("no-such/model")
+
+
+@pytest.mark.parametrize(
+    "removed, message",
+    [
+        ("encoder", r"lists the encoder \(FSQConditionEncoder\), but there is no encoder/ folder"),
+        ("unet", r"lists the unet \(QACUNet2DModel\), but there is no unet/ folder"),
+        ("scheduler", r"lists the scheduler \(IPNDMScheduler\), but there is no scheduler/ folder"),
+        ("encoder/diffusion_pytorch_model.safetensors", "encoder/ has no weights file diffusion_pytorch_model.safet"),
+        ("unet/diffusion_pytorch_model.safetensors", "unet/ has no weights file diffusion_pytorch_model.safetensors"),
+        ("encoder/config.json", "encoder/ has no config.json"),
+        ("scheduler/scheduler_config.json", "scheduler/ has no scheduler_config.json"),
+    ],
+)
+def test_an_incomplete_saved_pipeline_names_the_missing_part(pipe, tmp_path, removed, message):
+    pipe.save_pretrained(tmp_path)
+    if (tmp_path / removed).is_dir():
+        shutil.rmtree(tmp_path / removed)
+    else:
+        (tmp_path / removed).unlink()
+    expected = f"The saved pipeline {re.escape(str(tmp_path))} is incomplete: .*{message}"
+    with pytest.raises(FileNotFoundError, match=expected):
+        QACPipeline.from_pretrained(tmp_path)
+
+
+def test_a_component_passed_to_from_pretrained_need_not_be_saved(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    shutil.rmtree(tmp_path / "scheduler")
+    loaded = QACPipeline.from_pretrained(tmp_path, scheduler=EDMEulerScheduler())
+    assert isinstance(loaded.scheduler, EDMEulerScheduler)
 
 
 def test_repo_id_loads_through_the_hub_and_then_from_the_offline_cache(pipe, fake_hub, tmp_path):

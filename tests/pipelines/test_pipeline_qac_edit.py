@@ -23,6 +23,7 @@ from qac_diffusers.pipelines.qac.editing_operators import (
 from qac_diffusers.pipelines.qac.pipeline_qac_edit import QACImageEditPipeline
 from qac_diffusers.schedulers.scheduling_ipndm import karras_sigmas
 
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -201,7 +202,8 @@ def test_pil_inputs_and_tuple_output(pipe, image, hole):
 
 def test_other_edm_scheduler_and_baseline_model(pipe, image, hole):
     kwargs = {"task": "inpaint", "mask": hole, "num_inference_steps": 3, "output_type": "pt"}
-    euler = QACImageEditPipeline(**{**pipe.components, "scheduler": EDMEulerScheduler.from_config(pipe.scheduler.config)})
+    euler_scheduler = EDMEulerScheduler.from_config(pipe.scheduler.config)
+    euler = QACImageEditPipeline(**{**pipe.components, "scheduler": euler_scheduler})
     euler.set_progress_bar_config(disable=True)
     assert torch.allclose(euler(image, generator=seeded(), **kwargs).images,
                           pipe(image, generator=seeded(), **kwargs).images, atol=1e-6)
@@ -247,6 +249,35 @@ def test_edit_script_end_to_end(pipe, image, hole, tmp_path):
 def test_bad_inputs(pipe, image, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pipe(image, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "images, kwargs",
+    [
+        (torch.full((1, 1, 8, 8), 255.0), {"task": "inpaint", "mask": torch.ones(8, 8)}),
+        (torch.full((1, 1, 4, 4), 255.0), {"task": "super_resolve", "factor": 2}),
+        (torch.full((1, 1, 8, 8), 255.0), {"task": "colorize"}),
+    ],
+)
+def test_images_outside_the_range_are_refused(pipe, rgb_pipe, images, kwargs):
+    edit = rgb_pipe if kwargs["task"] == "colorize" else pipe
+    with pytest.raises(ValueError, match=r"in \[-1, 1\], got values in \[255, 255\]: convert \[0, 255\] pixels"):
+        edit(images, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"task": "inpaint", "mask": torch.ones(8, 8)}, {"task": "super_resolve", "factor": 2}, {"task": "colorize"}],
+)
+def test_no_images_are_refused(pipe, rgb_pipe, kwargs):
+    edit = rgb_pipe if kwargs["task"] == "colorize" else pipe
+    with pytest.raises(ValueError, match="Got an empty list of images: pass at least one image."):
+        edit([], **kwargs)
+
+
+def test_zero_shot_edit_refuses_a_reference_outside_the_range(pipe, hole):
+    with pytest.raises(ValueError, match=r"in \[-1, 1\], got values in \[0, 2\]"):
+        pipe.zero_shot_edit(torch.full((1, 1, 8, 8), 2.0) * (1 - hole), inpainting(hole))
 
 
 def test_colour_images_are_refused_by_colorize(rgb_pipe):

@@ -1,7 +1,9 @@
 # Copyright 2026 The qac-diffusers authors. Licensed under the Apache License, Version 2.0.
 """Few-step unconditional sampling with quantized adaptive conditions (DESIGN.md section 6)."""
 
+import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,11 +13,14 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME, BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 
 from ...models import FSQConditionEncoder, QACUNet2DModel, edm_denoise
+
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -81,6 +86,11 @@ class QACPipeline(DiffusionPipeline):
         with `huggingface_hub.snapshot_download` (which also serves the offline cache), then loaded from that folder.
         The download keyword arguments (`revision`, `cache_dir`, `token`, `local_files_only`, `force_download`) go to
         the download; all others to [`DiffusionPipeline.from_pretrained`].
+
+        Raises:
+            `FileNotFoundError`: The path is neither a folder nor a loadable Hub repo id, or the folder lacks a
+                component's folder, config or weights file (components passed as keyword arguments are not needed).
+            `OSError`: The folder holds no `model_index.json`.
         """
         folder = str(pretrained_model_name_or_path)
         if not os.path.isdir(folder):
@@ -89,12 +99,8 @@ class QACPipeline(DiffusionPipeline):
                 for key in ("revision", "cache_dir", "token", "local_files_only", "force_download")
                 if key in kwargs
             }
-            folder = snapshot_download(folder, **download_kwargs)
-        if not os.path.isfile(os.path.join(folder, "model_index.json")):
-            raise OSError(
-                f"{folder} has no model_index.json: it is not a saved pipeline. Point to the folder written by "
-                "`QACPipeline.save_pretrained` or train_qac.py."
-            )
+            folder = _download(folder, download_kwargs)
+        _check_saved_pipeline(folder, passed_components=kwargs.keys())
         return super().from_pretrained(folder, **kwargs)
 
     @property
@@ -339,15 +345,13 @@ class QACPipeline(DiffusionPipeline):
 
     def images_to_tensor(self, images: torch.Tensor | PIL.Image.Image | list[PIL.Image.Image]) -> torch.Tensor:
         """PIL image(s) to a `(batch, channels, height, width)` tensor in [-1, 1]; tensors are checked and returned."""
-        if isinstance(images, PIL.Image.Image):
-            images = [images]
-        if isinstance(images, list):
-            images = pil_to_tensor(images, mode="L" if self.image_shape[0] == 1 else "RGB") / 127.5 - 1
+        images = to_pixel_tensor(images, mode="L" if self.image_shape[0] == 1 else "RGB")
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            shape = ", ".join(map(str, self.image_shape))
             raise ValueError(
-                f"Expected images of shape (batch, {', '.join(map(str, self.image_shape))}) in [-1, 1] or PIL images of "
-                f"size {self.image_shape[2]}x{self.image_shape[1]}, got {got}."
+                f"Expected images of shape (batch, {shape}) in [-1, 1] or PIL images of size "
+                f"{self.image_shape[2]}x{self.image_shape[1]}, got {got}."
             )
         return images
 
@@ -355,19 +359,29 @@ class QACPipeline(DiffusionPipeline):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` (the number of UNet calls) must be an integer >= 1, got {num_inference_steps!r}.")
+            raise ValueError(
+                "`num_inference_steps` (the number of UNet calls) must be an integer >= 1, got "
+                f"{num_inference_steps!r}."
+            )
         if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"Got a list of {len(generator)} generators for batch_size={batch_size}: pass one per image.")
+            raise ValueError(
+                f"Got a list of {len(generator)} generators for batch_size={batch_size}: pass one per image."
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if latents is not None and tuple(latents.shape) != (batch_size, *self.image_shape):
-            raise ValueError(f"`latents` must have shape {(batch_size, *self.image_shape)}, got {tuple(latents.shape)}.")
+            raise ValueError(
+                f"`latents` must have shape {(batch_size, *self.image_shape)}, got {tuple(latents.shape)}."
+            )
         if code_indices is not None:
             if self.encoder is None:
                 raise ValueError("This pipeline is unconditional (no encoder): `code_indices` must be None.")
             if not isinstance(code_indices, torch.Tensor) or tuple(code_indices.shape) != (batch_size,):
-                got = tuple(code_indices.shape) if isinstance(code_indices, torch.Tensor) else type(code_indices).__name__
-                raise ValueError(f"`code_indices` must be a tensor of shape ({batch_size},) (one per image), got {got}.")
+                is_tensor = isinstance(code_indices, torch.Tensor)
+                got = tuple(code_indices.shape) if is_tensor else type(code_indices).__name__
+                raise ValueError(
+                    f"`code_indices` must be a tensor of shape ({batch_size},) (one per image), got {got}."
+                )
             self.encoder.check_indices(code_indices)
 
     @torch.no_grad()
@@ -431,14 +445,111 @@ def pil_to_tensor(images: PIL.Image.Image | list[PIL.Image.Image], mode: str) ->
     return torch.from_numpy(np.stack(arrays)).reshape(len(arrays), *arrays[0].shape[:2], -1).permute(0, 3, 1, 2)
 
 
+def to_pixel_tensor(images: torch.Tensor | PIL.Image.Image | list[PIL.Image.Image], mode: str) -> torch.Tensor:
+    """
+    Images as the pipelines take them: PIL image(s) converted to `mode` and scaled to [-1, 1]; a tensor is checked to
+    hold at least one image, in [-1, 1], and returned as it is. Anything else is returned for the caller's shape check.
+    """
+    if isinstance(images, PIL.Image.Image):
+        images = [images]
+    if isinstance(images, list):
+        if not images:
+            raise ValueError("Got an empty list of images: pass at least one image.")
+        if not all(isinstance(image, PIL.Image.Image) for image in images):
+            kinds = sorted({type(image).__name__ for image in images})
+            raise ValueError(
+                f"A list of images must hold PIL images, got {kinds}: pass tensors as one tensor of shape (batch, "
+                "channels, height, width)."
+            )
+        return pil_to_tensor(images, mode) / 127.5 - 1
+    if isinstance(images, torch.Tensor):
+        check_pixel_range(images)
+    return images
+
+
+def check_pixel_range(images: torch.Tensor) -> None:
+    """Refuse an image tensor that is empty or has values outside [-1, 1] (NaN included)."""
+    if images.numel() == 0:
+        raise ValueError(f"Got no images (a tensor of shape {tuple(images.shape)}): pass at least one image.")
+    if not ((images >= -1) & (images <= 1)).all():
+        low, high = images.min().item(), images.max().item()
+        raise ValueError(
+            f"Image tensors must hold values in [-1, 1], got values in [{low:g}, {high:g}]: convert [0, 255] "
+            "pixels with `images / 127.5 - 1`, [0, 1] with `images * 2 - 1`."
+        )
+
+
 def _check_components(unet: QACUNet2DModel, encoder: FSQConditionEncoder | None) -> None:
     code_dim = unet.config.code_dim
     if encoder is None and code_dim > 0:
         raise ValueError(f"The unet is conditioned on codes (code_dim={code_dim}): pass the FSQConditionEncoder.")
     if encoder is not None and code_dim == 0:
         raise ValueError("The unet is unconditional (code_dim=0): pass `encoder=None`.")
-    if encoder is not None and (encoder.config.code_dim, encoder.config.code_levels) != (code_dim, unet.config.code_levels):
+    code_levels = unet.config.code_levels
+    if encoder is not None and (encoder.config.code_dim, encoder.config.code_levels) != (code_dim, code_levels):
         raise ValueError(
-            f"The encoder makes codes with code_dim={encoder.config.code_dim}, code_levels={encoder.config.code_levels}"
-            f" but the unet takes code_dim={code_dim}, code_levels={unet.config.code_levels}."
+            f"The encoder makes codes with code_dim={encoder.config.code_dim}, code_levels="
+            f"{encoder.config.code_levels} but the unet takes code_dim={code_dim}, code_levels={code_levels}."
         )
+
+
+def _download(repo_id: str, download_kwargs: dict) -> str:
+    """The snapshot folder of a Hub repo id; a name that is no folder and no loadable repo is refused as a path."""
+    missing = f"{repo_id!r} is not a folder (no such directory: {os.path.abspath(repo_id)})"
+    if os.path.exists(repo_id):
+        raise FileNotFoundError(f"{repo_id!r} is a file: pass the folder that holds model_index.json.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"{missing} and not a Hub repo id (those read 'model' or 'user/model'): check the path."
+        ) from None
+    try:
+        return snapshot_download(repo_id, **download_kwargs)
+    except (RepositoryNotFoundError, LocalEntryNotFoundError) as error:
+        raise FileNotFoundError(f"{missing}, and as a Hub repo id it could not be loaded: {error}") from error
+
+
+# The files `save_pretrained` writes per component: its config, and for models the weights.
+_COMPONENT_FILES = {
+    "unet": (QACUNet2DModel.config_name, SAFETENSORS_WEIGHTS_NAME),
+    "scheduler": (SchedulerMixin.config_name, None),
+    "encoder": (FSQConditionEncoder.config_name, SAFETENSORS_WEIGHTS_NAME),
+}
+
+
+def _check_saved_pipeline(folder: str, passed_components: Iterable[str]) -> None:
+    """
+    Refuse a saved pipeline with a missing part, naming it: without this check diffusers looks for a missing
+    component's config in the pipeline's root folder and for missing weights as `.bin`, and reports those.
+    """
+    model_index_file = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(model_index_file):
+        raise OSError(
+            f"{folder} has no model_index.json: it is not a saved pipeline. Point to the folder written by "
+            "`QACPipeline.save_pretrained` or train_qac.py."
+        )
+    with open(model_index_file, encoding="utf-8") as file:
+        model_index = json.load(file)
+    for name, (config_name, weights_name) in _COMPONENT_FILES.items():
+        class_name = (model_index.get(name) or [None, None])[1]
+        # A component saved as None (the unconditional baseline's encoder) or passed by the caller is not read.
+        if class_name is None or name in passed_components:
+            continue
+        subfolder = os.path.join(folder, name)
+        incomplete = f"The saved pipeline {folder} is incomplete:"
+        fix = "Copy (or upload) the whole folder that `save_pretrained` or train_qac.py wrote."
+        if not os.path.isdir(subfolder):
+            raise FileNotFoundError(
+                f"{incomplete} its model_index.json lists the {name} ({class_name}), but there is no {name}/ folder. "
+                f"{fix}"
+            )
+        if not os.path.isfile(os.path.join(subfolder, config_name)):
+            raise FileNotFoundError(f"{incomplete} {name}/ has no {config_name}. {fix}")
+        if weights_name is None:
+            continue
+        # diffusers also reads .bin weights, variants (`*.fp16.safetensors`) and shards: any of them will do.
+        stem = weights_name.removesuffix(".safetensors")
+        files = os.listdir(subfolder)
+        if not any(file.startswith(stem) and file.endswith((".safetensors", ".bin")) for file in files):
+            raise FileNotFoundError(f"{incomplete} {name}/ has no weights file {weights_name}. {fix}")

@@ -9,9 +9,10 @@ import torch
 from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from .editing_operators import LinearDegradation, colorization, inpainting, super_resolution
-from .pipeline_qac import OUTPUT_TYPES, QACPipeline, pil_to_tensor
 from ...schedulers.scheduling_ipndm import karras_sigmas
+from .editing_operators import LinearDegradation, colorization, inpainting, super_resolution
+from .pipeline_qac import OUTPUT_TYPES, QACPipeline, check_pixel_range, pil_to_tensor, to_pixel_tensor
+
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -93,6 +94,7 @@ class QACImageEditPipeline(QACPipeline):
         Returns:
             `torch.Tensor` of the shape of `z`, float32, in the data space ([-1, 1] up to what the model produces).
         """
+        check_pixel_range(z)
         sigma_min, sigma_max, rho = (self.scheduler.config[key] for key in ("sigma_min", "sigma_max", "rho"))
         timesteps = karras_sigmas(num_inference_steps, sigma_min, sigma_max, rho).tolist()
 
@@ -178,7 +180,6 @@ class QACImageEditPipeline(QACPipeline):
         channels, height, width = self.image_shape
         if channels != 3:
             raise ValueError(f"task='colorize' needs a 3-channel (RGB) model; this one has {channels} channel(s).")
-        grey = image
         if _is_pil(image):
             images = [image] if isinstance(image, PIL.Image.Image) else image
             colour_modes = sorted({im.mode for im in images} - {"L"})
@@ -187,7 +188,7 @@ class QACImageEditPipeline(QACPipeline):
                     f"task='colorize' takes grey images (PIL mode 'L'), got mode(s) {colour_modes}: pass "
                     "image.convert('L')."
                 )
-            grey = pil_to_tensor(images, mode="L") / 127.5 - 1
+        grey = to_pixel_tensor(image, mode="L")
         if not isinstance(grey, torch.Tensor) or grey.ndim != 4 or grey.shape[1] != 1:
             got = tuple(grey.shape) if isinstance(grey, torch.Tensor) else type(grey).__name__
             raise ValueError(f"task='colorize' takes grey images of shape (batch, 1, height, width), got {got}.")
@@ -214,7 +215,7 @@ class QACImageEditPipeline(QACPipeline):
             raise ValueError(
                 f"`factor` must be an integer >= 1 that divides the model size {width}x{height}, got {factor!r}."
             )
-        low = pil_to_tensor(image, mode="L" if channels == 1 else "RGB") / 127.5 - 1 if _is_pil(image) else image
+        low = to_pixel_tensor(image, mode="L" if channels == 1 else "RGB")
         expected = (channels, height // factor, width // factor)
         if not isinstance(low, torch.Tensor) or low.ndim != 4 or tuple(low.shape[1:]) != expected:
             got = tuple(low.shape) if isinstance(low, torch.Tensor) else type(low).__name__
