@@ -8,7 +8,9 @@ split (Inception features mean little for 8x8 or 28x28 images).
     python benchmarks/few_step_quality.py                                   # digits, 3 seeds, ~25 min on 2 cores
     python benchmarks/few_step_quality.py --dataset animal-mnist --preset small --resolution 28 --max_train_steps 20000
 
-Writes benchmarks/results/few_step_quality_<dataset>.{md,json} and plots; trained models go to --work_dir.
+Writes benchmarks/results/few_step_quality_<dataset>.{md,json} and plots; trained models go to --work_dir. A rerun
+resumes: trained models are reused, and so is every Frechet distance and straightness measurement already written
+beside its model (`benchmark_measurements.json`); delete --work_dir to measure changed code again.
 """
 
 import argparse
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import matplotlib
+
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -33,10 +36,11 @@ from qac_diffusers.metrics.trajectory import (  # noqa: E402
     pipeline_conditional_flow_matching_loss,
     pipeline_curvature,
 )
+from qac_diffusers.schedulers import SOLVERS, solver_from_config  # noqa: E402
 from qac_diffusers.training import ImageTransform, load_image_dataset  # noqa: E402
 from qac_diffusers.training.code_usage import code_usage  # noqa: E402
-from qac_diffusers.schedulers import SOLVERS, solver_from_config  # noqa: E402
 from qac_diffusers.utils import image_grid  # noqa: E402
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The models compared, each a train_qac.py run with these extra flags.
@@ -57,7 +61,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--holdout_fraction", type=float, default=0.3)
     parser.add_argument("--nfe", type=int, nargs="+", default=[3, 4, 5, 6, 10])
     parser.add_argument("--reference_nfe", type=int, default=50, help="The many-step reference (iPNDM).")
-    parser.add_argument("--solvers", nargs="+", choices=sorted(SOLVERS), default=["dpmsolver2", "ipndm", "ipndm_variable"])
+    parser.add_argument(
+        "--solvers", nargs="+", choices=sorted(SOLVERS), default=["dpmsolver2", "ipndm", "ipndm_variable"]
+    )
     parser.add_argument("--num_samples", type=int, default=2000)
     parser.add_argument("--curvature_samples", type=int, default=500)
     parser.add_argument("--curvature_steps", type=int, default=64, help="Euler steps of the curvature trajectories.")
@@ -82,6 +88,16 @@ def to_tensor(dataset, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     transform = ImageTransform(resolution, channels=1, center_crop=True)
     images = torch.stack([transform.preprocess(image) for image in dataset["image"]])
     return images, torch.tensor(dataset["label"])
+
+
+def cached(model_dir: Path, key: str, measure, *args):
+    """`measure(*args)`, computed once per `key` and kept in the model's folder: a rerun skips what is measured."""
+    path = model_dir / "benchmark_measurements.json"
+    measurements = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in measurements:
+        measurements[key] = measure(*args)
+        path.write_text(json.dumps(measurements, indent=1))
+    return measurements[key]
 
 
 def train_models(args: argparse.Namespace, data_folder: Path, work_dir: Path) -> dict:
@@ -122,13 +138,20 @@ def generate(pipe: QACPipeline, num_samples: int, nfe: int, seed: int, batch_siz
     return torch.cat(batches)
 
 
+def sample_frechet_distance(pipe, num_samples: int, nfe: int, seed: int, classifier, heldout_features) -> float:
+    """FD of `num_samples` samples at `nfe`, drawn with seed 1000 + `seed`, to the held-out features."""
+    samples = generate(pipe, num_samples, nfe, seed=1000 + seed)
+    return frechet_distance(extract_features(classifier, samples), heldout_features)
+
+
 def evaluate_models(args, work_dir: Path, classifier, heldout_features) -> tuple[dict, dict]:
     """Frechet distances[solver][model][nfe] = list over seeds; and the code usage of each QAC model."""
     distances, usage = {}, {}
     nfes = sorted(set(args.nfe) | {args.reference_nfe})
     for seed in args.seeds:
         for model in args.models:
-            pipe = QACPipeline.from_pretrained(work_dir / f"{model}-seed{seed}")
+            model_dir = work_dir / f"{model}-seed{seed}"
+            pipe = QACPipeline.from_pretrained(model_dir)
             pipe.set_progress_bar_config(disable=True)
             if pipe.encoder is not None:
                 usage[f"{model}-seed{seed}"] = code_usage(pipe.encoder.code_weights)
@@ -136,8 +159,11 @@ def evaluate_models(args, work_dir: Path, classifier, heldout_features) -> tuple
             for solver in args.solvers:
                 pipe.scheduler = solver_from_config(solver, default_config)
                 for nfe in nfes if solver == "ipndm" else args.nfe:
-                    samples = generate(pipe, args.num_samples, nfe, seed=1000 + seed)
-                    distance = frechet_distance(extract_features(classifier, samples), heldout_features)
+                    key = f"frechet_distance {solver} nfe {nfe} {args.num_samples} samples"
+                    distance = cached(
+                        model_dir, key, sample_frechet_distance, pipe, args.num_samples, nfe, seed, classifier,
+                        heldout_features,
+                    )
                     distances.setdefault(solver, {}).setdefault(model, {}).setdefault(str(nfe), []).append(distance)
                     print(f"seed {seed} {model:8s} {solver:15s} NFE {nfe:3d}: FD {distance:8.2f}", flush=True)
     return distances, usage
@@ -148,14 +174,22 @@ def straightness(args, work_dir: Path, heldout_images: torch.Tensor) -> dict:
     results = {model: {"curvature": [], "L_CFM": []} for model in args.models}
     for seed in args.seeds:
         for model in args.models:
-            pipe = QACPipeline.from_pretrained(work_dir / f"{model}-seed{seed}")
-            generator = torch.Generator().manual_seed(2000 + seed)
-            curvature = pipeline_curvature(pipe, args.curvature_samples, args.curvature_steps, generator=generator)
-            loss = pipeline_conditional_flow_matching_loss(pipe, heldout_images, generator=generator, num_draws=4)
+            model_dir = work_dir / f"{model}-seed{seed}"
+            key = f"straightness {args.curvature_samples} samples {args.curvature_steps} steps"
+            curvature, loss = cached(model_dir, key, measure_straightness, args, model_dir, heldout_images, seed)
             results[model]["curvature"].append(curvature)
             results[model]["L_CFM"].append(loss)
             print(f"seed {seed} {model:8s} curvature {curvature:.4f} L_CFM {loss:.4f}", flush=True)
     return results
+
+
+def measure_straightness(args, model_dir: Path, heldout_images: torch.Tensor, seed: int) -> tuple[float, float]:
+    """Curvature and L_CFM of one model, with the same generator for both."""
+    pipe = QACPipeline.from_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(2000 + seed)
+    curvature = pipeline_curvature(pipe, args.curvature_samples, args.curvature_steps, generator=generator)
+    loss = pipeline_conditional_flow_matching_loss(pipe, heldout_images, generator=generator, num_draws=4)
+    return curvature, loss
 
 
 def mean_std(values: list[float], decimals: int = 2) -> str:

@@ -1,6 +1,6 @@
 """Solvers on exact denoisers: few-step ODE error against a converged reference, without training noise.
 
-    python benchmarks/solvers_exact_denoiser.py                    # CPU, about 5 minutes on 2 cores
+    python benchmarks/solvers_exact_denoiser.py                    # CPU, about 12 minutes on 2 cores
     python benchmarks/solvers_exact_denoiser.py --num_samples 1024 --taus 0.05 0.1 0.3 --nfe_max 30
 
 The data: the 1,797 8x8 digits (scaled to [-1, 1], flattened to 64-d) smoothed with a Gaussian of bandwidth tau,
@@ -17,7 +17,8 @@ Every scheduler runs in the generic diffusers loop of DESIGN.md section 5 (`set_
 `scale_model_input`, `step`), exactly as QACPipeline runs it, with the exact denoiser disguised as a UNet through the
 scheduler's preconditioning: F = (D - c_skip x) / c_out. The UNet counts its calls (NFE). Compared:
 IPNDMScheduler (AFS; without AFS; AFS with variable-step weights; AFS ending at 0), diffusers' EDMEulerScheduler and
-EDMDPMSolverMultistepScheduler (solver_order 2 and 3, otherwise default), and EDM's Heun sampler (Algorithm 1,
+EDMDPMSolverMultistepScheduler (solver_order 2 and 3, otherwise default) as `solver_from_config` builds them (NFE steps
+over the NFE + 1 Karras points to sigma_min, the grid of iPNDM without AFS), and EDM's Heun sampler (Algorithm 1,
 deterministic: NFE = 2N - 1 for N steps, so odd NFE only).
 
 Error of a solver: RMS over samples of |x_solver - x_ref| / sqrt(64), x_ref = the same ODE from the same noise solved
@@ -27,27 +28,30 @@ implementation of DESIGN.md section 5's iPNDM against IPNDMScheduler, trajectory
 (qac_diffusers.metrics.trajectory).
 
 Writes benchmarks/results/solvers_exact_denoiser.{md,json} and the plots
-solvers_exact_denoiser_error_vs_nfe.png and solvers_exact_denoiser_cond_vs_uncond.png.
+solvers_exact_denoiser_error_vs_nfe.png and solvers_exact_denoiser_cond_vs_uncond.png. A rerun with the same options
+resumes: each finished flow (tau, unconditional or conditional) is kept in --work_dir with the random state after it.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import diffusers
 import matplotlib
 
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler  # noqa: E402
 from diffusers.models.unets.unet_2d import UNet2DOutput  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from qac_diffusers import IPNDMScheduler  # noqa: E402
 from qac_diffusers.metrics.trajectory import (  # noqa: E402
@@ -55,20 +59,22 @@ from qac_diffusers.metrics.trajectory import (  # noqa: E402
     trajectory_curvature,
     uniform_time_sigmas,
 )
+from qac_diffusers.schedulers import solver_from_config  # noqa: E402
 from qac_diffusers.training.data import load_digits_dataset  # noqa: E402
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIGMA_MIN, SIGMA_MAX, SIGMA_DATA, RHO = 0.002, 80.0, 0.5, 7.0
-EDM = dict(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=SIGMA_DATA, rho=RHO)
+EDM = {"sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX, "sigma_data": SIGMA_DATA, "rho": RHO}
 # name -> a fresh scheduler; all share the EDM schedule parameters
 SCHEDULERS = {
     "iPNDM+AFS": lambda: IPNDMScheduler(**EDM),
     "iPNDM": lambda: IPNDMScheduler(**EDM, analytical_first_step=False),
     "iPNDM+AFS var-step": lambda: IPNDMScheduler(**EDM, variable_step=True),
     "iPNDM+AFS to 0": lambda: IPNDMScheduler(**EDM, final_sigmas_type="zero"),
-    "Euler": lambda: EDMEulerScheduler(**EDM),
-    "DPM++2M": lambda: EDMDPMSolverMultistepScheduler(**EDM, solver_order=2),
-    "DPM++3M": lambda: EDMDPMSolverMultistepScheduler(**EDM, solver_order=3),
+    "Euler": lambda: solver_from_config("euler", IPNDMScheduler(**EDM).config),
+    "DPM++2M": lambda: solver_from_config("dpmsolver2", IPNDMScheduler(**EDM).config),
+    "DPM++3M": lambda: solver_from_config("dpmsolver3", IPNDMScheduler(**EDM).config),
 }
 SOLVERS = list(SCHEDULERS) + ["Heun"]
 # "iPNDM+AFS to 0" at NFE n repeats "iPNDM+AFS" at NFE n - 1 (checked and reported): kept out of tables and plots
@@ -97,6 +103,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--results_name", default="solvers_exact_denoiser")
     parser.add_argument("--results_dir", default=str(REPO_ROOT / "benchmarks" / "results"))
+    parser.add_argument(
+        "--work_dir", default=str(REPO_ROOT / "benchmarks" / "work" / "solvers_exact_denoiser"),
+        help="Finished flows, so that a rerun with the same options resumes.",
+    )
     return parser.parse_args()
 
 
@@ -401,8 +411,8 @@ def summary_text(results: dict, nfes: list[int]) -> list[str]:
     lines += [
         f"- `iPNDM+AFS` with `final_sigmas_type='zero'` (not in the tables; in the JSON) at NFE n has the error of "
         f"the default at NFE n - 1 to within {checks['zero_end_vs_one_fewer_max_relative']:.1%} (relative): its "
-        "last call only denoises from sigma_min to 0, as does the last call of diffusers' EDM schedulers and of "
-        "Heun.",
+        "last call only denoises from sigma_min to 0, as does the last call of Heun (and of diffusers' EDM "
+        "schedulers with their default `final_sigmas_type='zero'`).",
         f"- IPNDMScheduler agrees with the independent implementation to "
         f"{checks['independent_ipndm']['scheduler_float32_schedule']:.0e} (same schedule) and "
         f"{checks['independent_ipndm']['own_float64_schedule']:.0e} (schedule in float64).",
@@ -416,7 +426,7 @@ def write_markdown(results: dict, nfes: list[int], path: Path) -> None:
     lines = [
         "# Solvers on exact denoisers (digits smoothed by a Gaussian of bandwidth tau)",
         "",
-        f"Written by `python benchmarks/solvers_exact_denoiser.py` ({config['num_samples']} noise samples, seed "
+        f"Command: `{config['command']}` ({config['num_samples']} noise samples, seed "
         f"{config['seed']}, {results['runtime_s']:.0f} s on {results['environment']['machine']}, torch "
         f"{results['environment']['torch']}, diffusers {results['environment']['diffusers']}).",
         "",
@@ -427,14 +437,16 @@ def write_markdown(results: dict, nfes: list[int], path: Path) -> None:
         "",
         "Error: RMS over samples of |x_solver - x_ref| / sqrt(64) in the [-1, 1] pixel scale, x_ref = the same ODE "
         "from the same noise solved to convergence (RK4), taken at the sigma each solver ends at: sigma_min = 0.002 "
-        "for IPNDMScheduler (default `final_sigmas_type='sigma_min'`), 0 for the others (diffusers' EDM schedulers' "
-        "default `'zero'`, EDM's Heun). The lowest error of each row is in bold.",
+        "for the schedulers (`final_sigmas_type='sigma_min'`), 0 for EDM's Heun. The lowest error of each row is in "
+        "bold.",
         "",
         "Solvers and their NFE (the number of denoiser calls, counted): IPNDMScheduler with the analytical first step "
         "(AFS; NFE calls over NFE + 1 steps), without AFS (NFE steps), and with AFS and variable-step "
         "Adams-Bashforth weights; diffusers' EDMEulerScheduler and EDMDPMSolverMultistepScheduler (`dpmsolver++`, "
-        "`solver_order` 2 or 3, otherwise default, e.g. `lower_order_final=True`), NFE = `num_inference_steps`, the "
-        "last call denoising from sigma_min to 0; EDM's Heun sampler (Algorithm 1, S_churn = 0): N steps make "
+        "`solver_order` 2 or 3, otherwise default, e.g. `lower_order_final=True`) as `solver_from_config` builds "
+        "them: NFE steps over the NFE + 1 points of the Karras schedule to sigma_min, the grid of iPNDM without AFS "
+        "(diffusers' own default would spend the last call on denoising from sigma_min to 0); EDM's Heun sampler "
+        "(Algorithm 1, S_churn = 0): N steps make "
         "2N - 1 calls, so it has odd NFE only. All use the same Karras schedule parameters (sigma 0.002 to 80, "
         "rho 7); the schedulers run in the generic diffusers loop (DESIGN.md section 5) with the exact denoiser "
         "wrapped as a UNet through the scheduler's preconditioning, F = (D - c_skip x) / c_out; Heun is a plain "
@@ -620,6 +632,27 @@ def measure_flow(args, points, labels, tau, allowed, noise, nfes, generator, che
     return result
 
 
+def resumable_flow(args, tau_key: str, kind: str, generator: torch.Generator, checks: dict, measure) -> dict:
+    """
+    `measure()` for one flow, or its result from an earlier run with the same options; the flows run in a fixed
+    order, so the random state and the checks saved after a flow are those an uninterrupted run has there.
+    """
+    ignored = ("num_threads", "check_samples", "results_name", "results_dir", "work_dir")
+    options = json.dumps({key: value for key, value in vars(args).items() if key not in ignored}, sort_keys=True)
+    digest = hashlib.sha256(options.encode()).hexdigest()[:12]
+    path = Path(args.work_dir) / f"{digest}-tau{tau_key}-{kind}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        generator.set_state(saved["generator_state"])
+        checks.update(saved["checks"])
+        print(f"tau {tau_key} {kind}: resumed from {path}", flush=True)
+        return saved["result"]
+    result = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"result": result, "generator_state": generator.get_state(), "checks": checks}, path)
+    return result
+
+
 def bootstrap_ratio(squared_a: torch.Tensor, squared_b: torch.Tensor, generator: torch.Generator) -> list[float]:
     """90% bootstrap interval of RMS(a) / RMS(b) over samples, resampled in pairs (the same noise in both)."""
     indices = torch.randint(0, len(squared_a), (BOOTSTRAP_RESAMPLES, len(squared_a)), generator=generator)
@@ -647,7 +680,8 @@ def main() -> None:
     allowed = sample_classes[:, None] == labels[None, :]
     generator = torch.Generator().manual_seed(args.seed + 2)  # L_CFM's data noise, times and noise
 
-    config = dict(vars(args), results_dir=os.path.relpath(results_dir, REPO_ROOT))
+    command = " ".join(["python benchmarks/solvers_exact_denoiser.py", *sys.argv[1:]])
+    config = dict(vars(args), results_dir=os.path.relpath(results_dir, REPO_ROOT), command=command)
     results = {"config": config, "taus": {}}
     checks = {key: [] for key in ("reference_convergence", "endpoint_difference", "start_offset",
                                   "curvature_relative", "zero_end_vs_one_fewer")}
@@ -658,8 +692,11 @@ def main() -> None:
         r = results["taus"][tau_key] = {}
         for kind in ("unconditional", "conditional"):
             tick = time.time()
-            r[kind] = measure_flow(args, points, labels, tau, None if kind == "unconditional" else allowed, noise,
-                                   nfes, generator, checks)
+            r[kind] = resumable_flow(
+                args, tau_key, kind, generator, checks,
+                lambda: measure_flow(args, points, labels, tau, None if kind == "unconditional" else allowed, noise,
+                                     nfes, generator, checks),
+            )
             print(f"tau {tau_key} {kind}: {time.time() - tick:.0f} s", flush=True)
         independent.append(independent_ipndm_check(ExactDenoiser(points, tau), noise[: args.check_samples], nfes))
         r["independent_ipndm"] = independent[-1]
