@@ -1,3 +1,5 @@
+import os
+
 from .feature_networks import (
     ClassifierFeatures,
     FeatureNetwork,
@@ -20,3 +22,7 @@ from .trajectory import (
     pipeline_denoiser,
     trajectory_curvature,
 )
+
+
+# The folder of the `evaluate` metric, installed with the package: `evaluate.load(FRECHET_DISTANCE_METRIC_PATH)`.
+FRECHET_DISTANCE_METRIC_PATH = os.path.join(os.path.dirname(__file__), "frechet_distance")

@@ -1,10 +1,11 @@
 # Copyright 2026 The qac-diffusers authors. Licensed under the Apache License, Version 2.0.
 """An `evaluate` metric for the Frechet distance (and, on request, the KID) of two feature sets.
 
-Load it by the path of this folder or file: `evaluate.load(".../metrics/frechet_distance")`. This needs no network
-and no environment variable (evaluate 0.4.6 opens no connection for a local script; for a folder it loads the script
-named after the folder). evaluate copies the script into its modules cache (`HF_MODULES_CACHE`) and imports it from there, so the math comes from the
-installed `qac_diffusers` (no relative imports here).
+Load it by the path of this folder, installed with the package: `evaluate.load(FRECHET_DISTANCE_METRIC_PATH)` with
+`from qac_diffusers.metrics import FRECHET_DISTANCE_METRIC_PATH`. This needs no network and no environment variable
+(evaluate 0.4.6 opens no connection for a local script; for a folder it loads the script named after the folder).
+evaluate copies the script into its modules cache (`HF_MODULES_CACHE`) and imports it from there, so the math comes
+from the installed `qac_diffusers` (no relative imports here).
 """
 
 import datasets
@@ -12,6 +13,7 @@ import evaluate
 import torch
 
 from qac_diffusers.metrics.frechet import frechet_distance, kernel_inception_distance
+
 
 _DESCRIPTION = """
 Frechet distance between Gaussians fitted to two feature sets, ||mu_p - mu_r||^2 + Tr(S_p + S_r - 2 (S_p S_r)^(1/2)):
@@ -34,9 +36,12 @@ Returns:
     kernel_inception_distance, kernel_inception_distance_std (`float`): Mean and standard deviation of MMD^2 over the
         subsets; only with `kid_subsets > 0`.
 Examples:
-    >>> metric = evaluate.load("qac_diffusers/metrics/frechet_distance")
-    >>> metric.compute(predictions=[[0.0, 1.0], [1.0, 0.0]], references=[[0.0, 1.0], [1.0, 0.0]])
-    {'frechet_distance': 0.0}
+    >>> from qac_diffusers.metrics import FRECHET_DISTANCE_METRIC_PATH
+    >>> metric = evaluate.load(FRECHET_DISTANCE_METRIC_PATH)
+    >>> real = [[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]]
+    >>> shifted = [[1.0, 1.0], [2.0, 0.0], [3.0, 2.0]]  # the same covariance, the mean 1 further along x
+    >>> round(metric.compute(predictions=shifted, references=real)["frechet_distance"], 6)
+    1.0
 """
 
 _CITATION = r"""
