@@ -16,6 +16,7 @@ from diffusers.models.unets.unet_2d_blocks import DownBlock2D
 from diffusers.utils import BaseOutput
 from torch import nn
 
+
 # A dense weight table of L**d float32 entries: 2**24 entries are 64 MiB, the most we accept.
 MAX_CODEBOOK_SIZE = 2**24
 
@@ -50,22 +51,29 @@ def straight_through_quantize(
     y: torch.Tensor, code_levels: int, straight_through: Literal["sigmoid", "identity"]
 ) -> torch.Tensor:
     """
-    Quantized levels whose forward value is f(y) and whose gradient is a straight-through estimate.
+    Quantized levels whose forward value is f(y) and whose gradient is that of a surrogate u (straight-through).
 
-    "identity" is the paper's literal y_q = y + sg(f(y) - y): nothing bounds y. "sigmoid" passes the gradient through
-    the bounded s = (L - 1) * sigmoid(y): y_q = s + sg(f(y) - s) (see DESIGN.md section 3 for why it is the default).
+    "identity" is the paper's literal estimator, u = y: nothing bounds y. "sigmoid" passes the gradient through the
+    bounded u = (L - 1) * sigmoid(y) (see DESIGN.md section 3 for why it is the default). The paper writes
+    y_q = u + sg(f(y) - u); it is computed as f(y) + (u - sg(u)), the same in exact arithmetic and with the same
+    gradient. In floating point only the second is exactly f(y): u - sg(u) is exactly 0 for every finite u, while
+    u + (f(y) - u) rounds, and in float32 loses the level altogether once |u| >= 2**24 (|y| drifts there with
+    "identity").
     """
     surrogate = y if straight_through == "identity" else (code_levels - 1) * torch.sigmoid(y)
-    return surrogate + (quantize(y, code_levels) - surrogate).detach()
+    return quantize(y.detach(), code_levels) + (surrogate - surrogate.detach())
 
 
 def _check_codebook(code_dim: int, code_levels: int) -> None:
     if code_dim < 1 or code_levels < 2:
-        raise ValueError(f"Need `code_dim` >= 1 and `code_levels` >= 2, got code_dim={code_dim}, code_levels={code_levels}.")
+        raise ValueError(
+            f"Need `code_dim` >= 1 and `code_levels` >= 2, got code_dim={code_dim}, code_levels={code_levels}."
+        )
     if code_levels**code_dim > MAX_CODEBOOK_SIZE:
         raise ValueError(
-            f"code_levels**code_dim = {code_levels}**{code_dim} = {code_levels**code_dim} codes: the dense code weights "
-            f"would not fit sensibly (at most {MAX_CODEBOOK_SIZE} = 2**24 codes). Lower `code_dim` or `code_levels`."
+            f"code_levels**code_dim = {code_levels}**{code_dim} = {code_levels**code_dim} codes: the dense code "
+            f"weights would not fit sensibly (at most {MAX_CODEBOOK_SIZE} = 2**24 codes). Lower `code_dim` or "
+            "`code_levels`."
         )
 
 
@@ -86,7 +94,13 @@ class FSQConditionEncoder(ModelMixin, ConfigMixin):
         code_levels (`int`, defaults to 2): L, the number of levels per channel; the codebook has L**d codes.
         straight_through (`"sigmoid"` or `"identity"`, defaults to `"sigmoid"`): The gradient estimator of the
             quantizer (see [`straight_through_quantize`]).
+
+    `code_weights` stay float32 whatever dtype the encoder is cast or loaded in: rare codes have weights below
+    float16's resolution, and casting them would zero those codes.
     """
+
+    # Loading with `torch_dtype` (diffusers' mechanism); casting with `.to()`, `.half()`, ... is handled in `_apply`.
+    _keep_in_fp32_modules = ["code_weights"]
 
     @register_to_config
     def __init__(
@@ -127,7 +141,15 @@ class FSQConditionEncoder(ModelMixin, ConfigMixin):
         self.proj_out = nn.Linear(block_out_channels[-1], code_dim)
 
         self.register_buffer("radix", code_levels ** torch.arange(code_dim), persistent=False)
-        self.register_buffer("code_weights", torch.zeros(code_levels**code_dim))
+        self.register_buffer("code_weights", torch.zeros(code_levels**code_dim, dtype=torch.float32))
+
+    def _apply(self, fn, recurse: bool = True) -> "FSQConditionEncoder":
+        # Every dtype and device change of a module (`.to()`, `.half()`, `.cuda()`, ...) goes through `_apply`: the
+        # code weights take the new device from it but keep their float32 values.
+        code_weights = self.code_weights
+        super()._apply(fn, recurse)
+        self.code_weights = code_weights.to(self.code_weights.device)
+        return self
 
     @property
     def codebook_size(self) -> int:
@@ -194,7 +216,9 @@ class FSQConditionEncoder(ModelMixin, ConfigMixin):
             `torch.LongTensor` of shape `(...)`.
         """
         if codes.shape[-1] != self.config.code_dim:
-            raise ValueError(f"`codes` must have {self.config.code_dim} channels in the last dim, got shape {tuple(codes.shape)}.")
+            raise ValueError(
+                f"`codes` must have {self.config.code_dim} channels in the last dim, got shape {tuple(codes.shape)}."
+            )
         levels = codes.round().long()
         if levels.min() < 0 or levels.max() >= self.config.code_levels:
             raise ValueError(f"`codes` must hold levels in 0..{self.config.code_levels - 1}.")
@@ -260,7 +284,9 @@ class FSQConditionEncoder(ModelMixin, ConfigMixin):
             )
         if isinstance(generator, list):
             if len(generator) != num_samples:
-                raise ValueError(f"Got a list of {len(generator)} generators for {num_samples} samples: pass one per sample.")
+                raise ValueError(
+                    f"Got a list of {len(generator)} generators for {num_samples} samples: pass one per sample."
+                )
             return torch.cat([self._draw(1, g) for g in generator])
         return self._draw(num_samples, generator)
 

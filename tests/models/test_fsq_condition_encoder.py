@@ -2,7 +2,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qac_diffusers import FSQConditionEncoder
+from conftest import make_tiny_pipeline, seeded
+from qac_diffusers import FSQConditionEncoder, QACPipeline
 from qac_diffusers.models import quantize, straight_through_quantize
 
 
@@ -26,6 +27,46 @@ def test_straight_through_value_and_gradient(straight_through):
     y_q.sum().backward()
     expected = torch.ones(4) if straight_through == "identity" else torch.sigmoid(y) * (1 - torch.sigmoid(y))
     assert torch.allclose(y.grad, expected.detach())
+
+
+def far_and_boundary_inputs(dtype: torch.dtype) -> torch.Tensor:
+    """|y| from 1e-30 to 1e30 (both signs, past 2**24 where y + (f(y) - y) rounds), zeros and random values."""
+    magnitudes = torch.logspace(-30, 30, 241, dtype=torch.float64)
+    random = torch.randn(2000, generator=seeded(0), dtype=torch.float64) * 4
+    return torch.cat([magnitudes, -magnitudes, torch.zeros(1), random]).to(dtype)
+
+
+@pytest.mark.parametrize("straight_through", ["sigmoid", "identity"])
+@pytest.mark.parametrize("code_levels", [2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_straight_through_forward_is_exactly_f_of_y_for_any_finite_y(straight_through, code_levels, dtype):
+    y = far_and_boundary_inputs(dtype).requires_grad_()
+    y_q = straight_through_quantize(y, code_levels, straight_through)
+    assert y_q.dtype == dtype
+    assert torch.equal(y_q, quantize(y.detach(), code_levels))
+
+
+@pytest.mark.parametrize("straight_through", ["sigmoid", "identity"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_straight_through_gradient_is_that_of_the_surrogate_for_any_finite_y(straight_through, dtype):
+    y = far_and_boundary_inputs(dtype).requires_grad_()
+    (gradient,) = torch.autograd.grad(straight_through_quantize(y, 5, straight_through).sum(), y)
+    surrogate = y if straight_through == "identity" else 4 * torch.sigmoid(y)
+    (expected,) = torch.autograd.grad(surrogate.sum(), y)
+    assert torch.equal(gradient, expected)
+    if straight_through == "identity":
+        assert torch.equal(gradient, torch.ones_like(y))
+
+
+def test_identity_estimator_keeps_valid_codes_when_y_is_huge():
+    # The regime the literal estimator drifts into (|y| ~ 1e8 and beyond): every code must still be a valid level.
+    encoder = small_encoder(code_dim=4, code_levels=2, straight_through="identity")
+    torch.nn.init.zeros_(encoder.proj_out.weight)
+    with torch.no_grad():
+        encoder.proj_out.bias.copy_(torch.tensor([1e8, -1e8, 3e9 + 1, -5e10]))
+    output = encoder(torch.zeros(1, 1, 8, 8))
+    assert output.codes.tolist() == [[1.0, 0.0, 1.0, 0.0]]
+    assert output.indices.tolist() == [5]
 
 
 def test_index_round_trip_covers_the_codebook():
@@ -121,7 +162,8 @@ def test_save_and_load_keep_code_weights_in_safetensors(tmp_path):
     encoder = small_encoder(straight_through="identity")
     encoder.code_weights.copy_(torch.rand(16))
     encoder.save_pretrained(tmp_path)
-    assert torch.equal(load_file(tmp_path / "diffusion_pytorch_model.safetensors")["code_weights"], encoder.code_weights)
+    saved = load_file(tmp_path / "diffusion_pytorch_model.safetensors")["code_weights"]
+    assert torch.equal(saved, encoder.code_weights)
     loaded = FSQConditionEncoder.from_pretrained(tmp_path)
     assert torch.equal(loaded.code_weights, encoder.code_weights)
     assert loaded.config.straight_through == "identity"
@@ -136,3 +178,72 @@ def test_for_unet_is_a_small_share_of_the_denoiser(tiny_models):
     assert (encoder.config.in_channels, encoder.config.sample_size) == (1, 8)
     share = sum(p.numel() for p in encoder.parameters()) / sum(p.numel() for p in unet.parameters())
     assert share < 0.05
+
+
+def rare_code_weights(size: int) -> torch.Tensor:
+    """Weights with codes below float16's resolution (6e-8) and close values that float16 merges."""
+    weights = torch.full((size,), 1e-9)
+    weights[: size // 2] = 1.0 + torch.arange(size // 2) * 1e-5
+    return weights
+
+
+@pytest.mark.parametrize(
+    "cast",
+    [
+        lambda encoder: encoder.half(),
+        lambda encoder: encoder.bfloat16(),
+        lambda encoder: encoder.to(torch.float16),
+        lambda encoder: encoder.to(dtype=torch.float16),
+        lambda encoder: encoder.to("cpu", torch.bfloat16),
+        lambda encoder: encoder.double(),
+    ],
+    ids=["half", "bfloat16", "to_dtype", "to_dtype_keyword", "to_device_and_dtype", "double"],
+)
+def test_code_weights_stay_float32_when_the_encoder_is_cast(cast):
+    encoder = small_encoder()
+    weights = rare_code_weights(16)
+    encoder.code_weights.copy_(weights)
+    cast(encoder)
+    assert encoder.conv_in.weight.dtype != torch.float32
+    assert encoder.code_weights.dtype == torch.float32
+    assert torch.equal(encoder.code_weights, weights)
+
+
+def test_code_weights_follow_the_device():
+    encoder = small_encoder().to("meta", torch.float16)
+    assert encoder.code_weights.device.type == "meta"
+    assert encoder.code_weights.dtype == torch.float32
+    assert encoder.conv_in.weight.device.type == "meta"
+
+
+def test_code_weights_stay_float32_through_from_pretrained_with_torch_dtype(tmp_path):
+    encoder = small_encoder()
+    encoder.code_weights.copy_(rare_code_weights(16))
+    encoder.save_pretrained(tmp_path)
+    loaded = FSQConditionEncoder.from_pretrained(tmp_path, torch_dtype=torch.float16)
+    assert loaded.conv_in.weight.dtype == torch.float16
+    assert loaded.code_weights.dtype == torch.float32
+    assert torch.equal(loaded.code_weights, encoder.code_weights)
+
+
+def test_half_precision_encoder_samples_the_same_codes():
+    encoder = small_encoder()
+    encoder.code_weights.copy_(rare_code_weights(16))
+    expected = encoder.sample_indices(50, seeded(1))
+    assert torch.equal(encoder.half().sample_indices(50, seeded(1)), expected)
+    assert encoder(torch.zeros(2, 1, 8, 8, dtype=torch.float16)).indices.shape == (2,)
+
+
+def test_pipeline_cast_and_load_in_float16_keep_float32_code_weights(tmp_path):
+    pipe = make_tiny_pipeline()
+    pipe.encoder.code_weights.copy_(rare_code_weights(pipe.encoder.codebook_size))
+    weights = pipe.encoder.code_weights.clone()
+    pipe.save_pretrained(tmp_path)
+    pipe.to(torch.float16)
+    assert pipe.unet.dtype == torch.float16
+    assert pipe.encoder.code_weights.dtype == torch.float32
+    assert torch.equal(pipe.encoder.code_weights, weights)
+    loaded = QACPipeline.from_pretrained(tmp_path, torch_dtype=torch.float16)
+    assert loaded.unet.dtype == torch.float16
+    assert loaded.encoder.code_weights.dtype == torch.float32
+    assert torch.equal(loaded.encoder.code_weights, weights)
