@@ -103,6 +103,31 @@ class QACPipeline(DiffusionPipeline):
         _check_saved_pipeline(folder, passed_components=kwargs.keys())
         return super().from_pretrained(folder, **kwargs)
 
+    @classmethod
+    def load_config(cls, *args, **kwargs) -> dict | tuple:
+        """
+        diffusers' `load_config`, with the entries of model_index.json that name the code shipped in a saved folder
+        mapped to this package's classes: loading with the package runs the package, and needs no
+        `trust_remote_code`. Folders saved before the code was shipped read as they are.
+        """
+        # imported here: the code shipped with a model (which remote_code writes) leaves this method out
+        from .remote_code import package_model_index
+
+        loaded = super().load_config(*args, **kwargs)
+        if isinstance(loaded, tuple):
+            return package_model_index(loaded[0]), *loaded[1:]
+        return package_model_index(loaded)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """
+        diffusers' `save_pretrained`, plus the code that lets plain diffusers load the folder:
+        `DiffusionPipeline.from_pretrained(folder_or_repo_id, trust_remote_code=True)` (see `remote_code`).
+        """
+        from .remote_code import write_remote_code  # here: the shipped code leaves this method out
+
+        super().save_pretrained(save_directory, **kwargs)
+        write_remote_code(self, save_directory)
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of the images this pipeline makes."""
