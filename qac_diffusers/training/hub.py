@@ -20,10 +20,10 @@ TAGS = ["qac", "diffusers", "diffusers-training", "unconditional-image-generatio
 # What `qac_diffusers.training.code_usage.code_usage` returns; the card shows all of it.
 CODE_USAGE_KEYS = ("codes_used", "entropy_bits", "perplexity", "largest_share", "codes_for_half_weight")
 TRAINING_FACT_KEYS = ("steps", "images_seen", "final_loss")
-# Top-level files uploaded beside the pipeline's component folders: the card, sample grids, model_index.json and the
-# training configuration; hidden names (.tmp-* files being written) excluded. Anything else (checkpoint-*, logs/,
-# temporary folders, optimizer states) stays local.
-UPLOADED_SUFFIXES = (".png", ".json")
+# Top-level files uploaded beside the pipeline's component folders: the card, sample grids, model_index.json, the
+# training configuration and the code `save_pretrained` ships for plain diffusers (.py); hidden names (.tmp-* files
+# being written) excluded. Anything else (checkpoint-*, logs/, temporary folders, optimizer states) stays local.
+UPLOADED_SUFFIXES = (".png", ".json", ".py")
 CARD_NAME = "README.md"
 
 
