@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import diffusers
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from .data import BUILTIN_DATASETS
@@ -151,6 +152,7 @@ def write_model_card(
         sample_grid=sample_grid if sample_grid and (output_dir / sample_grid).is_file() else None,
         training_facts=training_facts,
         code_usage=code_usage,
+        diffusers_version=diffusers.__version__,  # that of the code save_pretrained ships
         training_config_json=json.dumps(training_config, indent=2, default=str),
         **dataset,
     )
