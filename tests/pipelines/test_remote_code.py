@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,8 @@ from conftest import make_tiny_pipeline, seeded
 from qac_diffusers import FSQConditionEncoder, IPNDMScheduler, QACImageEditPipeline, QACPipeline, QACUNet2DModel
 from qac_diffusers.pipelines.qac import pipeline_qac
 from qac_diffusers.pipelines.qac.remote_code import shipped_source
-from qac_diffusers.training.hub import push_to_hub
+from qac_diffusers.training.code_usage import code_usage
+from qac_diffusers.training.hub import push_to_hub, write_model_card
 
 
 ROOT_MODULES = {
@@ -211,3 +213,19 @@ def test_plain_diffusers_loads_the_pushed_model_bit_for_bit(saved, fake_hub, tmp
     image = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8)
     edited = edit(image, task="inpaint", mask=mask, num_inference_steps=5, generator=seeded(1), output_type="np")
     assert np.array_equal(np.load(out / "edit.npy"), edited.images)
+
+
+def test_model_card_leads_with_plain_diffusers(saved):
+    pipe, folder = saved
+    card = write_model_card(
+        folder,
+        repo_id="fake-user/tiny",
+        dataset_name="digits",
+        training_config={},
+        code_usage=code_usage(pipe.encoder.code_weights),
+        training_facts={"steps": 1, "images_seen": 2, "final_loss": 0.5},
+    ).read_text()
+    plain = card.index('DiffusionPipeline.from_pretrained("fake-user/tiny", trust_remote_code=True)')
+    assert plain < card.index('QACPipeline.from_pretrained("fake-user/tiny")')
+    assert f"generated with diffusers {diffusers.__version__} " in card
+    assert "pip install" not in card and "not on PyPI" in card
