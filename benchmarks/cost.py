@@ -29,6 +29,7 @@ from diffusers import UNet2DModel
 from qac_diffusers import FSQConditionEncoder, IPNDMScheduler, QACPipeline, QACUNet2DModel
 from qac_diffusers.training.presets import PRESETS
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EDM_BUDGET_IMAGES = 200e6  # EDM's CIFAR-10 training budget
 
@@ -94,7 +95,8 @@ def sampling_cost(preset: str, batch: int, repeats: int) -> dict:
     """The preset's UNet with its code_dim; code drawing is timed separately from 2**20 weights."""
     torch.manual_seed(0)
     qac_unet = preset_unet(preset, code_dim=PRESETS[preset]["code_dim"]).eval()
-    plain_unet = UNet2DModel.from_config({k: v for k, v in qac_unet.config.items() if k not in ("code_dim", "code_levels")})
+    plain_config = {k: v for k, v in qac_unet.config.items() if k not in ("code_dim", "code_levels")}
+    plain_unet = UNet2DModel.from_config(plain_config)
     plain_unet.load_state_dict({k: v for k, v in qac_unet.state_dict().items() if not k.startswith("code_")})
     plain_unet.eval()
     encoder = FSQConditionEncoder.for_unet(qac_unet, code_dim=qac_unet.config.code_dim)
@@ -167,8 +169,8 @@ def training_cost(args: argparse.Namespace) -> dict:
 
 def sampling_markdown(sampling: dict, repeats: int) -> list[str]:
     return [
-        f"## Sampling at 6 NFE ({sampling['preset']} preset, code_dim {sampling['code_dim']}, batch {sampling['batch']}, "
-        "CPU)", "",
+        f"## Sampling at 6 NFE ({sampling['preset']} preset, code_dim {sampling['code_dim']}, "
+        f"batch {sampling['batch']}, CPU)", "",
         "| | seconds |", "|---|---|",
         f"| QACPipeline (code drawn from the code weights, code embedding) | {sampling['pipeline_seconds']:.4f} |",
         f"| plain loop, UNet2DModel with the same weights | {sampling['plain_loop_seconds']:.4f} |",
@@ -208,8 +210,8 @@ def markdown(results: dict) -> str:
 def main() -> None:
     args = parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or 'CPU'}"
-    results = {"args": vars(args), "machine": f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-               "parameters": parameter_shares()}
+    machine = f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    results = {"args": vars(args), "machine": machine, "parameters": parameter_shares()}
     if not args.skip_sampling:
         results["sampling"] = [sampling_cost(preset, batch, args.repeats)
                                for preset, batch in zip(args.sampling_presets, args.sampling_batch)]

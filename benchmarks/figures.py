@@ -9,8 +9,8 @@ The embedded digits are grey, so the colorization row needs a 3-channel model; t
         --max_train_steps 2000
     python benchmarks/figures.py --color_model benchmarks/work/qac-colour-digits
 
-Writes benchmarks/results/{editing,variations,interpolation,colorization}.png. The inputs are digits of the embedded data set
-(which the demo model was trained on).
+Writes benchmarks/results/{editing,variations,interpolation,colorization}.png. The inputs are digits of the embedded
+data set (which the demo model was trained on).
 """
 
 import argparse
@@ -23,6 +23,7 @@ from qac_diffusers import QACImageEditPipeline
 from qac_diffusers.training import load_digits_dataset
 from qac_diffusers.utils import image_grid
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,7 +31,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO_ROOT / "demo-output" / "qac-digits"))
     parser.add_argument("--color_model", help="A 3-channel model: writes colorization.png.")
-    parser.add_argument("--write_colour_digits", help="Write the digits, tinted by class, as an image folder; then stop.")
+    parser.add_argument(
+        "--write_colour_digits", help="Write the digits, tinted by class, as an image folder; then stop."
+    )
     parser.add_argument("--num_images", type=int, default=8)
     parser.add_argument("--steps", type=int, default=40, help="Steps of the editing algorithm (paper: 40).")
     parser.add_argument("--seed", type=int, default=0)

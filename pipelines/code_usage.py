@@ -22,6 +22,7 @@ from qac_diffusers import QACPipeline
 from qac_diffusers.training.code_usage import code_usage, codes_for_share, cumulative_shares, top_codes
 from qac_diffusers.utils import image_grid
 
+
 SHARES = (0.5, 0.9, 0.99)
 
 

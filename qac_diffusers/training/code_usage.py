@@ -16,7 +16,9 @@ def code_usage(code_weights: torch.Tensor) -> dict[str, float]:
     weights = code_weights.detach().double().flatten()
     total = weights.sum()
     if not total > 0:
-        return {"codes_used": 0, "entropy_bits": 0.0, "perplexity": 0.0, "largest_share": 0.0, "codes_for_half_weight": 0}
+        return {
+            "codes_used": 0, "entropy_bits": 0.0, "perplexity": 0.0, "largest_share": 0.0, "codes_for_half_weight": 0
+        }
     probabilities = weights[weights > 0] / total
     entropy = -(probabilities * probabilities.log2()).sum().item()
     ordered = probabilities.sort(descending=True).values

@@ -4,6 +4,7 @@
 import copy
 import json
 
+
 PRESETS = {
     # 8x8 images (the embedded digits): the prototype of DESIGN.md section 9.
     "tiny": {
@@ -65,7 +66,9 @@ def resolve_model_config(preset: str, model_config_path: str | None = None) -> d
         overrides = json.load(file)
     unknown = set(overrides) - {"resolution", "code_dim", "unet", "encoder"}
     if unknown:
-        raise ValueError(f"{model_config_path}: unknown keys {sorted(unknown)}; allowed: resolution, code_dim, unet, encoder.")
+        raise ValueError(
+            f"{model_config_path}: unknown keys {sorted(unknown)}; allowed: resolution, code_dim, unet, encoder."
+        )
     for key, value in overrides.items():
         config[key] = {**config[key], **value} if key in ("unet", "encoder") else value
     return config

@@ -20,6 +20,7 @@ from qac_diffusers.metrics import (
 )
 from qac_diffusers.metrics.feature_networks import resize_like_tensorflow
 
+
 EVALUATE_FOLDER = os.path.join(os.path.dirname(__file__), "..", "..", "qac_diffusers", "metrics", "frechet_distance")
 
 

@@ -16,6 +16,7 @@ from qac_diffusers.metrics.trajectory import (
 )
 from qac_diffusers.schedulers.scheduling_ipndm import karras_sigmas
 
+
 DIM = 4
 
 
