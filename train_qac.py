@@ -14,8 +14,6 @@ a multi-process run sees the same global batches as a one-process run.
 import argparse
 import json
 import logging
-import os
-import shutil
 import time
 from copy import deepcopy
 from pathlib import Path
@@ -24,24 +22,37 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from huggingface_hub import create_repo
 from tqdm.auto import tqdm
 
 from qac_diffusers import FSQConditionEncoder, IPNDMScheduler, QACPipeline, QACUNet2DModel
-from qac_diffusers.training import ImageTransform, collate_images, infer_num_channels, load_image_dataset
+from qac_diffusers.training import ImageTransform, infer_num_channels, load_image_dataset
+from qac_diffusers.training.checkpoints import (
+    CHECKPOINT_PREFIX,
+    METRICS_NAME,
+    TRACKER_PROJECT,
+    check_output_dir,
+    check_resumable,
+    explained_write_failure,
+    load_checkpoint,
+    register_checkpoint_hooks,
+    remove_previous_run,
+    resolve_checkpoint,
+    resume_config,
+    save_checkpoint,
+)
 from qac_diffusers.training.code_usage import batch_code_usage, code_usage
 from qac_diffusers.training.edm_loss import EDMLoss
 from qac_diffusers.training.ema import ema_decay, update_ema
 from qac_diffusers.training.hub import push_to_hub, write_model_card
+from qac_diffusers.training.micro_batches import EpochImages, MicroBatchSampler
 from qac_diffusers.training.presets import PRESETS, resolve_model_config
 from qac_diffusers.utils import image_grid
 
-logger = get_logger(__name__, log_level="INFO")
 
-CHECKPOINT_PREFIX = "checkpoint-"
-TEMPORARY_PREFIX = ".tmp-"
+logger = get_logger(__name__, log_level="INFO")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="qac-model")
+    train.add_argument(
+        "--overwrite_output_dir", action="store_true",
+        help="Remove another run's checkpoints, logs and pipeline from --output_dir, then start anew (without it, a "
+        "used folder is refused). Never deletes the checkpoint being resumed.",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--train_batch_size", type=int, default=128, help="Per device.")
     train.add_argument("--max_train_steps", type=int, default=3000, help="Optimizer steps.")
@@ -122,30 +138,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--hub_model_id, --hub_token and --hub_private_repo need --push_to_hub.")
 
 
-def resolve_checkpoint(args: argparse.Namespace) -> Path | None:
-    """The checkpoint folder to resume from, or None ('latest' with no checkpoint yet starts a new run)."""
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(Path(args.output_dir))
-        return checkpoints[-1] if checkpoints else None
-    path = Path(args.resume_from_checkpoint)
-    if not (path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and (path / "unet").is_dir()):
-        raise ValueError(
-            f"--resume_from_checkpoint {path} is not a checkpoint folder (a '{CHECKPOINT_PREFIX}N' folder written by "
-            "this script). Pass one of those, or 'latest'."
-        )
-    return path
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """The complete checkpoints in `output_dir`, oldest first."""
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
 def build_models(args: argparse.Namespace, model_config: dict, channels: int):
     """The QAC UNet (code_dim 0 for the baseline) and its encoder (None for the baseline)."""
     resolution = model_config["resolution"]
@@ -188,9 +180,23 @@ class Trainer:
         self.args = args
         self.accelerator = accelerator
         self.output_dir = Path(args.output_dir)
+        self.global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        if len(dataset) < self.global_batch:
+            raise ValueError(
+                f"The data set ({len(dataset)} images) is smaller than one global batch: --train_batch_size "
+                f"{args.train_batch_size} x {accelerator.num_processes} processes x --gradient_accumulation_steps "
+                f"{args.gradient_accumulation_steps} = {self.global_batch} images. Lower --train_batch_size or "
+                "--gradient_accumulation_steps."
+            )
+        transform = ImageTransform(
+            model_config["resolution"], channels, args.center_crop, args.random_flip, seed=args.seed,
+            image_column=args.image_column,
+        )
+        self.images = EpochImages(dataset, transform)
         unet, encoder = build_models(args, model_config, channels)
-        self.ema_unet = deepcopy(unet).requires_grad_(False)
-        self.ema_encoder = None if encoder is None else deepcopy(encoder).requires_grad_(False)
+        # The EMA copies only sample (validation grids, samples.png) and are saved: eval mode, so without dropout.
+        self.ema_unet = deepcopy(unet).requires_grad_(False).eval()
+        self.ema_encoder = None if encoder is None else deepcopy(encoder).requires_grad_(False).eval()
         self.scheduler = IPNDMScheduler()
         self.loss_fn = EDMLoss(self.scheduler, P_mean=args.P_mean, P_std=args.P_std)
         self.models = [unet] + ([encoder] if encoder is not None else [])
@@ -199,34 +205,23 @@ class Trainer:
             parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
             weight_decay=args.adam_weight_decay,
         )
-        self.transform = ImageTransform(
-            model_config["resolution"], channels, args.center_crop, args.random_flip, seed=args.seed,
-            image_column=args.image_column,
-        )
-        dataloader = torch.utils.data.DataLoader(
-            dataset.with_transform(self.transform), batch_size=args.train_batch_size, shuffle=True, drop_last=True,
-            collate_fn=collate_images, num_workers=args.dataloader_num_workers,
-        )
-        if len(dataloader) < accelerator.num_processes:
-            raise ValueError(
-                f"The data set ({len(dataset)} images) gives fewer batches of {args.train_batch_size} than there are "
-                f"processes ({accelerator.num_processes}): lower --train_batch_size."
-            )
         lr_scheduler = get_scheduler(
             args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=args.max_train_steps * accelerator.num_processes,
         )
-        *self.models, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
-            *self.models, optimizer, dataloader, lr_scheduler
-        )
+        *self.models, self.optimizer, self.lr_scheduler = accelerator.prepare(*self.models, optimizer, lr_scheduler)
         self.ema_unet.to(accelerator.device)
         if self.ema_encoder is not None:
             self.ema_encoder.to(accelerator.device)
-        accelerator.register_save_state_pre_hook(self.save_model_hook)
-        accelerator.register_load_state_pre_hook(self.load_model_hook)
+        register_checkpoint_hooks(accelerator, self.ema_unet, self.ema_encoder)
+        self.resume_config = resume_config(
+            vars(args), model_config, {"images": len(dataset), "channels": channels},
+            {"num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision},
+        )
         self.global_step = 0
-        self.metrics_file = self.output_dir / args.logging_dir / "metrics.jsonl"
-        self.global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        self.saved_step = None  # the step of the newest checkpoint in output_dir, written or resumed from
+        self.last_facts = None  # what `log` recorded at the last step
+        self.metrics_file = self.output_dir / args.logging_dir / METRICS_NAME
 
     @property
     def unet(self):
@@ -236,57 +231,20 @@ class Trainer:
     def encoder(self):
         return self.models[1] if len(self.models) > 1 else None
 
-    # ----- checkpoints -------------------------------------------------------------------------------------------
-    def save_model_hook(self, models, weights, output_dir):
-        if self.accelerator.is_main_process:
-            for model in models:
-                model.save_pretrained(os.path.join(output_dir, self.component_name(model)))
-                weights.pop()
-            self.ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
-            if self.ema_encoder is not None:
-                self.ema_encoder.save_pretrained(os.path.join(output_dir, "encoder_ema"))
-
-    def load_model_hook(self, models, input_dir):
-        while models:
-            model = models.pop()
-            loaded = type(model).from_pretrained(input_dir, subfolder=self.component_name(model))
-            model.load_state_dict(loaded.state_dict())
-        self.ema_unet.load_state_dict(QACUNet2DModel.from_pretrained(input_dir, subfolder="unet_ema").state_dict())
-        if self.ema_encoder is not None:
-            ema_encoder = FSQConditionEncoder.from_pretrained(input_dir, subfolder="encoder_ema")
-            self.ema_encoder.load_state_dict(ema_encoder.state_dict())
-
-    @staticmethod
-    def component_name(model) -> str:
-        return "encoder" if isinstance(model, FSQConditionEncoder) else "unet"
-
+    # ----- checkpoints (qac_diffusers/training/checkpoints.py) ---------------------------------------------------
     def save_checkpoint(self) -> None:
-        """Write to a temporary folder, then rename: a run killed mid-save leaves the last good checkpoint intact."""
-        accelerator, args = self.accelerator, self.args
-        final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.global_step}"
-        temporary = self.output_dir / f"{TEMPORARY_PREFIX}{final.name}"
-        if accelerator.is_main_process:
-            shutil.rmtree(temporary, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(temporary))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(temporary, final)
-            if args.checkpoints_total_limit is not None:
-                for old in list_checkpoints(self.output_dir)[: -args.checkpoints_total_limit]:
-                    shutil.rmtree(old)
-            logger.info(f"Saved {final}")
-        accelerator.wait_for_everyone()
+        training_state = {"resume_config": self.resume_config, "last_step": self.last_facts}
+        final = save_checkpoint(
+            self.accelerator, self.output_dir, self.global_step, training_state, self.args.checkpoints_total_limit
+        )
+        self.saved_step = self.global_step
+        logger.info(f"Saved {final}")
 
     def resume(self, checkpoint: Path) -> None:
-        """Load a checkpoint; the metrics log forgets the steps after it, which are trained again."""
-        self.accelerator.load_state(str(checkpoint))
-        self.global_step = int(checkpoint.name[len(CHECKPOINT_PREFIX):])
-        if self.accelerator.is_main_process and self.metrics_file.is_file():
-            lines = self.metrics_file.read_text().splitlines()
-            kept = [line for line in lines if json.loads(line)["step"] <= self.global_step]
-            self.metrics_file.write_text("".join(line + "\n" for line in kept))
+        self.last_facts = load_checkpoint(self.accelerator, checkpoint, self.metrics_file)["last_step"]
+        self.global_step = self.last_facts["step"]
+        if checkpoint.resolve().parent == self.output_dir.resolve():
+            self.saved_step = self.global_step
         logger.info(f"Resumed from {checkpoint} at step {self.global_step}")
 
     # ----- training ----------------------------------------------------------------------------------------------
@@ -320,23 +278,36 @@ class Trainer:
         args, accelerator = self.args, self.accelerator
         if checkpoint is not None:
             self.resume(checkpoint)
-        steps_per_epoch = len(self.dataloader) // args.gradient_accumulation_steps
+        # The stream of micro-batches starts at this step's first one (qac_diffusers/training/micro_batches.py).
+        sampler = MicroBatchSampler(
+            len(self.images), args.train_batch_size, accelerator.num_processes, accelerator.process_index, args.seed,
+            start=self.global_step * args.gradient_accumulation_steps,
+        )
+        micro_batches = iter(
+            torch.utils.data.DataLoader(self.images, batch_sampler=sampler, num_workers=args.dataloader_num_workers)
+        )
         progress = tqdm(range(args.max_train_steps), initial=self.global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
         while self.global_step < args.max_train_steps:
-            epoch, skip = divmod(self.global_step, steps_per_epoch)
-            self.dataloader.set_epoch(epoch)
-            self.transform.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(self.dataloader, skip * args.gradient_accumulation_steps)
-            self.train_epoch(batches, progress)
+            facts = self.last_facts = self.train_step(micro_batches)
+            self.log(facts)
+            progress.update(1)
+            progress.set_postfix(loss=f"{facts['loss']:.4f}", img_s=f"{facts['images_per_second']:.0f}")
+            if self.global_step % args.checkpointing_steps == 0:
+                self.save_checkpoint()
+            if self.global_step % args.validation_steps == 0:
+                self.validate()
         progress.close()
-        if self.global_step % args.checkpointing_steps:  # the end of training is always resumable
+        if self.global_step != self.saved_step:  # the end of training is always resumable
             self.save_checkpoint()
 
-    def train_epoch(self, batches, progress) -> None:
+    def train_step(self, micro_batches) -> dict:
+        """One optimizer step on the next `--gradient_accumulation_steps` micro-batches: one full global batch."""
         args, accelerator = self.args, self.accelerator
-        indices, losses, micro_step, started = [], [], 0, time.perf_counter()
-        for images in batches:
+        indices, losses, started = [], [], time.perf_counter()
+        for micro_step in range(args.gradient_accumulation_steps):
+            images = next(micro_batches).to(accelerator.device)
+            # Synchronises (and steps the optimizer) at every k-th micro-batch, counting them: never at a data end.
             with accelerator.accumulate(*self.models):
                 loss, batch_indices, stats = self.micro_batch_loss(images, micro_step)
                 accelerator.backward(loss)
@@ -345,33 +316,20 @@ class Trainer:
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            micro_step += 1
             losses.append(accelerator.gather(loss.detach()).mean().item())
             if batch_indices is not None:
                 indices.append(batch_indices)
-            if not accelerator.sync_gradients:
-                continue
-            self.global_step += 1
-            decay = self.optimizer_step_done(indices)
-            facts = {
-                "step": self.global_step,
-                "loss": float(np.mean(losses)),
-                "lr": self.lr_scheduler.get_last_lr()[0],
-                "kimg": self.global_step * self.global_batch / 1000,
-                "ema_decay": decay,
-                "images_per_second": self.global_batch / (time.perf_counter() - started),
-                **stats,
-            }
-            self.log(facts)
-            progress.update(1)
-            progress.set_postfix(loss=f"{facts['loss']:.4f}", img_s=f"{facts['images_per_second']:.0f}")
-            indices, losses, micro_step, started = [], [], 0, time.perf_counter()
-            if self.global_step % args.checkpointing_steps == 0:
-                self.save_checkpoint()
-            if self.global_step % args.validation_steps == 0:
-                self.validate()
-            if self.global_step >= args.max_train_steps:
-                break
+        self.global_step += 1
+        decay = self.optimizer_step_done(indices)
+        return {
+            "step": self.global_step,
+            "loss": float(np.mean(losses)),
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "kimg": self.global_step * self.global_batch / 1000,
+            "ema_decay": decay,
+            "images_per_second": self.global_batch / (time.perf_counter() - started),
+            **stats,
+        }
 
     # ----- logging and outputs -----------------------------------------------------------------------------------
     def log(self, facts: dict) -> None:
@@ -426,13 +384,15 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         args = self.args
-        # The last step's facts (also when a resumed run found nothing left to train)
-        facts = {**json.loads(self.metrics_file.read_text().splitlines()[-1]), "processes_in_sync": in_sync}
-        self.pipeline().save_pretrained(self.output_dir)
-        self.sample_grid().save(self.output_dir / "samples.png")
+        # The facts of the step these weights come from (kept in the checkpoint when a resumed run trained nothing)
+        facts = {**self.last_facts, "processes_in_sync": in_sync}
         usage = None if self.ema_encoder is None else code_usage(self.ema_encoder.code_weights)
-        summary = {"training_facts": facts, "code_usage": usage}
-        (self.output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        last_checkpoint = self.output_dir / f"{CHECKPOINT_PREFIX}{self.saved_step}"
+        with explained_write_failure("the final pipeline", self.output_dir, last_checkpoint, remove=False):
+            self.pipeline().save_pretrained(self.output_dir)
+            self.sample_grid().save(self.output_dir / "samples.png")
+            summary = {"training_facts": facts, "code_usage": usage}
+            (self.output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
         repo_id = args.hub_model_id or self.output_dir.resolve().name
         if args.push_to_hub:  # the card's usage snippet needs the full "user/name" id
             repo_id = create_repo(repo_id, exist_ok=True, private=args.hub_private_repo, token=args.hub_token).repo_id
@@ -458,21 +418,24 @@ def main(argv: list[str] | None = None) -> None:
         model_config["resolution"] = args.resolution
     if args.code_dim is not None:
         model_config["code_dim"] = args.code_dim
-    checkpoint = resolve_checkpoint(args)
+    output_dir = Path(args.output_dir)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    previous_run = check_output_dir(output_dir, output_dir / args.logging_dir, checkpoint, args.overwrite_output_dir)
     dataset = load_image_dataset(
         args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column, args.cache_dir
     )
     channels = infer_num_channels(dataset, args.image_column)
 
-    output_dir = Path(args.output_dir)
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # Accumulation counts micro-batches only: the training loop never ends a step at an end of data.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -481,6 +444,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     trainer = Trainer(args, accelerator, model_config, dataset, channels)
+    if checkpoint is not None:
+        check_resumable(checkpoint, trainer.resume_config, args.max_train_steps)
     public_args = {key: value for key, value in vars(args).items() if key != "hub_token"}  # never write the token
     training_config = {
         "args": public_args,
@@ -497,9 +462,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(training_config, indent=2, default=str))
     if args.dry_run:
         print(f"Dry run: configuration checked and written to {output_dir / 'training_config.json'}.")
+        if previous_run:
+            print("--overwrite_output_dir would remove: " + ", ".join(str(path) for path in previous_run))
         return
+    if accelerator.is_main_process:  # --overwrite_output_dir, now that every check has passed
+        remove_previous_run(previous_run)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("train_qac", config={k: v for k, v in public_args.items() if v is not None})
+        accelerator.init_trackers(TRACKER_PROJECT, config={k: v for k, v in public_args.items() if v is not None})
 
     trainer.train(checkpoint)
     accelerator.wait_for_everyone()

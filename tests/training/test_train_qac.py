@@ -1,4 +1,5 @@
-"""train_qac.py end to end, on the embedded digits: errors, resume, two processes, Hub upload."""
+"""train_qac.py end to end, on the embedded digits: errors, resume, accumulation, output folders, failed writes, two
+processes, Hub upload."""
 
 import json
 import os
@@ -6,19 +7,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from PIL import Image
 from safetensors.torch import load_file
 
 from qac_diffusers import QACPipeline
+from qac_diffusers.training.checkpoints import list_checkpoints
+from qac_diffusers.utils import image_grid
+
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 import train_qac  # noqa: E402
 
+
 # Small and fast: 3 batches of 512 digits per epoch, no trackers.
-FAST = ["--train_batch_size", "512", "--report_to", "none", "--validation_steps", "100", "--num_validation_images", "4"]
+FAST = ["--train_batch_size", "512", "--report_to", "none", "--validation_steps", "100",
+        "--num_validation_images", "4"]
+# Smaller still where a few steps of any size will do (a later flag overrides FAST's).
+SMALL = ["--train_batch_size", "64"]
+# Global batches of 3 micro-batches of 128 digits (FAST's batch size comes first, this one overrides it).
+ACCUMULATION = ["--train_batch_size", "128", "--gradient_accumulation_steps", "3"]
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +68,8 @@ def sample(folder, seed: int = 0) -> torch.Tensor:
         (["--resolution", "9"], "divisible by 2"),
         (["--resume_from_checkpoint", "nowhere/checkpoint-3"], "not a checkpoint folder"),
         (["--train_data_dir", "no/such/folder"], "does not exist"),
-        (["--train_batch_size", "4096"], "fewer batches"),
+        (["--train_batch_size", "4096"], "smaller than one global batch"),
+        (["--train_batch_size", "512", "--gradient_accumulation_steps", "4"], "smaller than one global batch"),
     ],
 )
 def test_bad_flags_fail_before_training(tmp_path, flags, message):
@@ -74,16 +87,38 @@ def test_dry_run_writes_the_resolved_config_and_stops(tmp_path):
     assert not (tmp_path / "model_index.json").exists()
 
 
+def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's models: trained parameters, EMA parameters and code weights."""
+    return {f"{component}/{key}": value for component in ("unet", "encoder", "unet_ema", "encoder_ema")
+            for key, value in weights(checkpoint, component).items()}
+
+
+def test_accumulated_steps_see_one_full_global_batch(tmp_path, monkeypatch):
+    # Micro-batches of 128 digits, 3 per step: 1,797 digits make 14.04 micro-batches per epoch, which 3 does not
+    # divide, and 5 steps of 384 images cross an epoch's end.
+    seen = []
+    micro_batch_loss = train_qac.Trainer.micro_batch_loss
+
+    def counting(self, images, micro_step):
+        seen.append((self.global_step, micro_step, images.shape[0]))
+        return micro_batch_loss(self, images, micro_step)
+
+    monkeypatch.setattr(train_qac.Trainer, "micro_batch_loss", counting)
+    train(tmp_path, *ACCUMULATION, "--max_train_steps", "5")
+    assert seen == [(step, micro_step, 128) for step in range(5) for micro_step in range(3)]
+    assert [m["kimg"] for m in metrics(tmp_path)] == pytest.approx([0.384 * step for step in range(1, 6)])
+
+
 def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
-    # 7 steps over 3 epochs with random flips; the interruption at step 4 falls inside the second epoch.
-    flags = ["--max_train_steps", "7", "--checkpointing_steps", "4", "--random_flip"]
+    # 7 steps with accumulation over 2 epochs with random flips; the interruption at step 4 falls inside the first.
+    flags = [*ACCUMULATION, "--max_train_steps", "7", "--checkpointing_steps", "4", "--random_flip"]
     train(tmp_path / "whole", *flags)
-    train(tmp_path / "parts", *flags[:1], "4", *flags[2:])
+    train(tmp_path / "parts", *flags[:-4], "4", *flags[-3:])
     train(tmp_path / "parts", *flags, "--resume_from_checkpoint", "latest")
     assert [m["loss"] for m in metrics(tmp_path / "parts")] == [m["loss"] for m in metrics(tmp_path / "whole")]
-    for component in ("unet", "encoder"):
-        whole, parts = weights(tmp_path / "whole", component), weights(tmp_path / "parts", component)
-        assert all(torch.equal(whole[key], parts[key]) for key in whole), component
+    whole = checkpoint_weights(tmp_path / "whole" / "checkpoint-7")
+    parts = checkpoint_weights(tmp_path / "parts" / "checkpoint-7")
+    assert [key for key in whole if not torch.equal(whole[key], parts[key])] == []
     # The end of training is a checkpoint too: resuming a finished run (a second `make demo`) trains nothing.
     assert sorted(p.name for p in (tmp_path / "parts").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-7"]
     train(tmp_path / "parts", *flags, "--resume_from_checkpoint", "latest")
@@ -94,11 +129,79 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
 
 
 def test_checkpoints_are_limited_and_a_half_written_one_is_ignored(tmp_path):
+    for foreign in ("checkpoint-40-backup", "checkpoint-best"):  # a user's copies: not ours, neither used nor deleted
+        (tmp_path / foreign / "unet").mkdir(parents=True)
     train(tmp_path, "--max_train_steps", "3", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2")
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
+        "checkpoint-2", "checkpoint-3", "checkpoint-40-backup", "checkpoint-best"
+    ]
     assert not list(tmp_path.glob(".tmp-*"))
     (tmp_path / ".tmp-checkpoint-4").mkdir()  # what a run killed mid-save leaves behind
-    assert train_qac.list_checkpoints(tmp_path)[-1].name == "checkpoint-3"
+    assert list_checkpoints(tmp_path)[-1].name == "checkpoint-3"
+    train(tmp_path, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    assert json.loads((tmp_path / "training_summary.json").read_text())["training_facts"]["step"] == 3
+
+
+def test_runs_never_mix_in_one_output_folder(tmp_path):
+    # The reproduction of issue 13: run A, run B (another learning rate) into A's folder, then B resumed with latest.
+    run_a = [*SMALL, "--max_train_steps", "4", "--checkpointing_steps", "2"]
+    run_b = [*SMALL, "--max_train_steps", "2", "--checkpointing_steps", "2", "--learning_rate", "1e-3"]
+    train(tmp_path / "out", *run_a)
+    with pytest.raises(ValueError, match=r"holds another run's state \(checkpoint-2, checkpoint-4, .*metrics.jsonl\)"):
+        train(tmp_path / "out", *run_b)
+    with pytest.raises(ValueError, match=r"configuration: args.learning_rate is 0.002 in the checkpoint, 0.001 now"):
+        train(tmp_path / "out", *run_b, "--resume_from_checkpoint", "latest")
+    # With --overwrite_output_dir nothing of run A is left; resuming then continues run B, whatever the order.
+    train(tmp_path / "out", *run_b, "--overwrite_output_dir")
+    assert [path.name for path in list_checkpoints(tmp_path / "out")] == ["checkpoint-2"]
+    assert [m["step"] for m in metrics(tmp_path / "out")] == [1, 2]
+    train(tmp_path / "out", *run_b, "--resume_from_checkpoint", "latest")
+    train(tmp_path / "b", *run_b)
+    out, b = weights(tmp_path / "out", "unet"), weights(tmp_path / "b", "unet")
+    assert [key for key in b if not torch.equal(out[key], b[key])] == []
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())["training_facts"]
+    assert (summary["step"], summary["loss"]) == (2, metrics(tmp_path / "b")[-1]["loss"])
+    assert '"learning_rate": 0.001' in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_samples_are_drawn_without_dropout(tmp_path):
+    # samples.png must be what the saved pipeline (loaded in eval mode) samples with the validation seed.
+    (tmp_path / "dropout.json").write_text(json.dumps({"unet": {"dropout": 0.5}}))
+    train(tmp_path, *SMALL, "--max_train_steps", "1", "--model_config", str(tmp_path / "dropout.json"))
+    pipe = QACPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    images = pipe(batch_size=4, num_inference_steps=6, generator=generator, output_type="pil").images
+    expected = np.asarray(image_grid(images, tile_size=32))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "samples.png")), expected)
+
+
+def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
+    torch_save = torch.save
+
+    def full_disk(obj, file, *args, **kwargs):  # what torch.save raises when the disk fills up
+        if ".tmp-checkpoint-2" in str(file):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4416 vs 4312")
+        return torch_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    message = (rf"Writing checkpoint checkpoint-2 to {tmp_path}/.tmp-checkpoint-2 failed: the disk is full or the "
+               rf"write failed \(RuntimeError: .*unexpected pos.*The last good checkpoint, {tmp_path}/checkpoint-1, "
+               "is intact")
+    with pytest.raises(OSError, match=message):
+        train(tmp_path, *SMALL, "--max_train_steps", "3", "--checkpointing_steps", "1")
+    assert [path.name for path in tmp_path.iterdir() if "checkpoint" in path.name] == ["checkpoint-1"]
+
+
+def test_a_failed_final_save_names_the_checkpoint_to_resume(tmp_path, monkeypatch):
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(QACPipeline, "save_pretrained", full_disk)
+    message = (rf"Writing the final pipeline to {tmp_path} failed: .*No space left on device.*The last good "
+               rf"checkpoint, {tmp_path}/checkpoint-2, is intact: free space, then rerun with --resume_from_")
+    with pytest.raises(OSError, match=message):
+        train(tmp_path, *SMALL, "--max_train_steps", "2")
 
 
 def test_short_run_loads_in_a_fresh_process_and_samples(tmp_path):
@@ -108,10 +211,12 @@ def test_short_run_loads_in_a_fresh_process_and_samples(tmp_path):
     assert (tmp_path / "samples.png").is_file() and (tmp_path / "README.md").is_file()
     # w_N = sum_k (1 - mu_k) prod_{j>k} mu_j h_k with histograms h_k summing to 1: sum(w_N) = 1 - prod_k mu_k.
     decays = torch.tensor([m["ema_decay"] for m in metrics(tmp_path)], dtype=torch.float64)
-    assert weights(tmp_path, "encoder")["code_weights"].sum().item() == pytest.approx(1 - decays.prod().item(), rel=1e-5)
+    code_weights = weights(tmp_path, "encoder")["code_weights"]
+    assert code_weights.sum().item() == pytest.approx(1 - decays.prod().item(), rel=1e-5)
     script = "import sys, torch; from qac_diffusers import QACPipeline; " \
              "p = QACPipeline.from_pretrained(sys.argv[1]); p.set_progress_bar_config(disable=True); " \
-             "torch.save(p(batch_size=4, generator=torch.Generator().manual_seed(0), output_type='pt').images, sys.argv[2])"
+             "g = torch.Generator().manual_seed(0); " \
+             "torch.save(p(batch_size=4, generator=g, output_type='pt').images, sys.argv[2])"
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(tmp_path / "images.pt")],
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
@@ -126,7 +231,8 @@ def test_baseline_is_the_same_unet_without_codes(tmp_path):
 
 
 def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
-    flags = ["--max_train_steps", "3", "--report_to", "none", "--validation_steps", "100", "--num_validation_images", "4"]
+    flags = ["--max_train_steps", "3", "--report_to", "none", "--validation_steps", "100",
+             "--num_validation_images", "4"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(REPO_ROOT / "train_qac.py"), "--output_dir", str(tmp_path / "two"), "--train_batch_size", "256",
@@ -150,7 +256,7 @@ def test_push_to_hub_then_load_the_repo(tmp_path, fake_hub):
     train(tmp_path, "--max_train_steps", "2", "--push_to_hub", "--hub_model_id", f"{fake_hub.user}/qac-digits",
           "--hub_token", fake_hub.token)
     files = fake_hub.files(f"{fake_hub.user}/qac-digits")
-    assert "model_index.json" in files and "README.md" in files and "encoder/diffusion_pytorch_model.safetensors" in files
+    assert {"model_index.json", "README.md", "encoder/diffusion_pytorch_model.safetensors"} <= set(files)
     assert not any(name.startswith(("checkpoint-", "logs/")) for name in files)
     assert torch.equal(sample(f"{fake_hub.user}/qac-digits"), sample(tmp_path))
 
