@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from qac_diffusers import QACPipeline
-from qac_diffusers.training.checkpoints import list_checkpoints
+from qac_diffusers.training.checkpoints import list_checkpoints, resolve_checkpoint
 from qac_diffusers.utils import image_grid
 
 
@@ -93,39 +93,48 @@ def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
             for key, value in weights(checkpoint, component).items()}
 
 
-def test_accumulated_steps_see_one_full_global_batch(tmp_path, monkeypatch):
-    # Micro-batches of 128 digits, 3 per step: 1,797 digits make 14.04 micro-batches per epoch, which 3 does not
-    # divide, and 5 steps of 384 images cross an epoch's end.
-    seen = []
+# Micro-batches of 128 digits, 3 per step: 1,797 digits make 14.04 micro-batches per epoch, which 3 does not divide;
+# 7 steps of 384 images cross the first epoch's end in step 5. The checkpoint at step 4 falls inside the first epoch.
+RESUMED = [*ACCUMULATION, "--max_train_steps", "7", "--checkpointing_steps", "4", "--random_flip"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    """The uninterrupted run of RESUMED, and the (step, micro-step, images) of every micro-batch it trained on."""
+    output_dir, seen = tmp_path_factory.mktemp("whole"), []
     micro_batch_loss = train_qac.Trainer.micro_batch_loss
 
     def counting(self, images, micro_step):
         seen.append((self.global_step, micro_step, images.shape[0]))
         return micro_batch_loss(self, images, micro_step)
 
-    monkeypatch.setattr(train_qac.Trainer, "micro_batch_loss", counting)
-    train(tmp_path, *ACCUMULATION, "--max_train_steps", "5")
-    assert seen == [(step, micro_step, 128) for step in range(5) for micro_step in range(3)]
-    assert [m["kimg"] for m in metrics(tmp_path)] == pytest.approx([0.384 * step for step in range(1, 6)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_qac.Trainer, "micro_batch_loss", counting)
+        train(output_dir, *RESUMED)
+    AcceleratorState._reset_state(True)
+    return output_dir, seen
 
 
-def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
-    # 7 steps with accumulation over 2 epochs with random flips; the interruption at step 4 falls inside the first.
-    flags = [*ACCUMULATION, "--max_train_steps", "7", "--checkpointing_steps", "4", "--random_flip"]
-    train(tmp_path / "whole", *flags)
-    train(tmp_path / "parts", *flags[:-4], "4", *flags[-3:])
-    train(tmp_path / "parts", *flags, "--resume_from_checkpoint", "latest")
-    assert [m["loss"] for m in metrics(tmp_path / "parts")] == [m["loss"] for m in metrics(tmp_path / "whole")]
-    whole = checkpoint_weights(tmp_path / "whole" / "checkpoint-7")
-    parts = checkpoint_weights(tmp_path / "parts" / "checkpoint-7")
+def test_accumulated_steps_see_one_full_global_batch(uninterrupted_run):
+    output_dir, seen = uninterrupted_run
+    assert seen == [(step, micro_step, 128) for step in range(7) for micro_step in range(3)]
+    assert [m["kimg"] for m in metrics(output_dir)] == pytest.approx([0.384 * step for step in range(1, 8)])
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, uninterrupted_run):
+    whole_dir = uninterrupted_run[0]
+    train(tmp_path, *RESUMED[:-4], "4", *RESUMED[-3:])
+    train(tmp_path, *RESUMED, "--resume_from_checkpoint", "latest")
+    assert [m["loss"] for m in metrics(tmp_path)] == [m["loss"] for m in metrics(whole_dir)]
+    whole, parts = checkpoint_weights(whole_dir / "checkpoint-7"), checkpoint_weights(tmp_path / "checkpoint-7")
     assert [key for key in whole if not torch.equal(whole[key], parts[key])] == []
     # The end of training is a checkpoint too: resuming a finished run (a second `make demo`) trains nothing.
-    assert sorted(p.name for p in (tmp_path / "parts").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-7"]
-    train(tmp_path / "parts", *flags, "--resume_from_checkpoint", "latest")
-    assert [m["step"] for m in metrics(tmp_path / "parts")] == list(range(1, 8))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-7"]
+    train(tmp_path, *RESUMED, "--resume_from_checkpoint", "latest")
+    assert [m["step"] for m in metrics(tmp_path)] == list(range(1, 8))
     # Resuming from an earlier checkpoint trains steps 5-7 again; the metrics log keeps one line per step.
-    train(tmp_path / "parts", *flags, "--resume_from_checkpoint", str(tmp_path / "parts" / "checkpoint-4"))
-    assert [m["loss"] for m in metrics(tmp_path / "parts")] == [m["loss"] for m in metrics(tmp_path / "whole")]
+    train(tmp_path, *RESUMED, "--resume_from_checkpoint", str(tmp_path / "checkpoint-4"))
+    assert [m["loss"] for m in metrics(tmp_path)] == [m["loss"] for m in metrics(whole_dir)]
 
 
 def test_checkpoints_are_limited_and_a_half_written_one_is_ignored(tmp_path):
@@ -137,9 +146,7 @@ def test_checkpoints_are_limited_and_a_half_written_one_is_ignored(tmp_path):
     ]
     assert not list(tmp_path.glob(".tmp-*"))
     (tmp_path / ".tmp-checkpoint-4").mkdir()  # what a run killed mid-save leaves behind
-    assert list_checkpoints(tmp_path)[-1].name == "checkpoint-3"
-    train(tmp_path, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
-    assert json.loads((tmp_path / "training_summary.json").read_text())["training_facts"]["step"] == 3
+    assert resolve_checkpoint("latest", tmp_path).name == "checkpoint-3"
 
 
 def test_runs_never_mix_in_one_output_folder(tmp_path):
@@ -156,11 +163,10 @@ def test_runs_never_mix_in_one_output_folder(tmp_path):
     assert [path.name for path in list_checkpoints(tmp_path / "out")] == ["checkpoint-2"]
     assert [m["step"] for m in metrics(tmp_path / "out")] == [1, 2]
     train(tmp_path / "out", *run_b, "--resume_from_checkpoint", "latest")
-    train(tmp_path / "b", *run_b)
-    out, b = weights(tmp_path / "out", "unet"), weights(tmp_path / "b", "unet")
-    assert [key for key in b if not torch.equal(out[key], b[key])] == []
+    saved, ema = weights(tmp_path / "out", "unet"), weights(tmp_path / "out" / "checkpoint-2", "unet_ema")
+    assert [key for key in ema if not torch.equal(saved[key], ema[key])] == []
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())["training_facts"]
-    assert (summary["step"], summary["loss"]) == (2, metrics(tmp_path / "b")[-1]["loss"])
+    assert (summary["step"], summary["loss"]) == (2, metrics(tmp_path / "out")[-1]["loss"])
     assert '"learning_rate": 0.001' in (tmp_path / "out" / "README.md").read_text()
 
 
