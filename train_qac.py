@@ -14,7 +14,9 @@ a multi-process run sees the same global batches as a one-process run.
 import argparse
 import json
 import logging
+import os
 import time
+import warnings
 from copy import deepcopy
 from pathlib import Path
 
@@ -24,7 +26,6 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
-from huggingface_hub import create_repo
 from tqdm.auto import tqdm
 
 from qac_diffusers import FSQConditionEncoder, IPNDMScheduler, QACPipeline, QACUNet2DModel
@@ -46,13 +47,16 @@ from qac_diffusers.training.checkpoints import (
 from qac_diffusers.training.code_usage import batch_code_usage, code_usage
 from qac_diffusers.training.edm_loss import EDMLoss
 from qac_diffusers.training.ema import ema_decay, update_ema
-from qac_diffusers.training.hub import push_to_hub, write_model_card
+from qac_diffusers.training.hub import check_hub_access, push_to_hub, without_local_paths, write_model_card
 from qac_diffusers.training.micro_batches import EpochImages, MicroBatchSampler
 from qac_diffusers.training.presets import PRESETS, resolve_model_config
 from qac_diffusers.utils import image_grid
 
 
 logger = get_logger(__name__, log_level="INFO")
+
+# Flags that name local files or folders: training_config.json and the model card show only their last component.
+PATH_ARGS = ("output_dir", "train_data_dir", "cache_dir", "model_config", "logging_dir", "resume_from_checkpoint")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,7 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--P_std", type=float, default=1.2)
     train.add_argument("--ema_halflife_kimg", type=float, default=500.0)
     train.add_argument("--ema_rampup_ratio", type=float, default=0.05, help="Negative: no ramp-up.")
-    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="Defaults to accelerate's config.")
+    train.add_argument(
+        "--mixed_precision", choices=["no", "fp16", "bf16"],
+        help="Defaults to accelerate's config. fp16 needs a GPU (refused on the CPU); bf16 also works on the CPU.",
+    )
     train.add_argument("--allow_tf32", action="store_true")
 
     logs = parser.add_argument_group("logging, checkpoints, Hub")
@@ -111,11 +118,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     logs.add_argument("--checkpointing_steps", type=int, default=1000)
     logs.add_argument("--checkpoints_total_limit", type=int)
     logs.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder.")
-    logs.add_argument("--push_to_hub", action="store_true")
+    logs.add_argument(
+        "--push_to_hub", action="store_true",
+        help="Upload the pipeline, card and samples at the end. Checked before the first step: a token with write "
+        "access (from `hf auth login` or HF_TOKEN), the Hub reachable, the repo created or writable.",
+    )
     logs.add_argument("--hub_model_id", help="Defaults to the output folder's name.")
-    logs.add_argument("--hub_token")
+    logs.add_argument(
+        "--hub_token",
+        help="Avoid: a token on the command line shows in process lists and in accelerate's error output when the "
+        "script fails. Log in with `hf auth login` or set HF_TOKEN instead.",
+    )
     logs.add_argument("--hub_private_repo", action="store_true")
-    logs.add_argument("--dry_run", action="store_true", help="Resolve and check everything, then stop.")
+    logs.add_argument(
+        "--dry_run", action="store_true",
+        help="Resolve and check everything, then stop. With --push_to_hub it checks the Hub access too (and creates "
+        "the repo if needed, as a real run does before its first step).",
+    )
     return parser.parse_args(argv)
 
 
@@ -136,6 +155,50 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--hub_token with --report_to=wandb would expose the token: use `hf auth login` instead.")
     if (args.hub_model_id or args.hub_token or args.hub_private_repo) and not args.push_to_hub:
         raise ValueError("--hub_model_id, --hub_token and --hub_private_repo need --push_to_hub.")
+    if args.hub_token is not None:
+        # Refusing would not help: the token is already in the process list, and under `accelerate launch` a
+        # failing script makes accelerate print the whole command line, token included.
+        warnings.warn(
+            "--hub_token shows in process lists (ps) and, if the script fails under `accelerate launch`, in the "
+            "command line that accelerate prints. Log in with `hf auth login` or set HF_TOKEN instead.",
+            stacklevel=2,
+        )
+
+
+def check_mixed_precision(accelerator: Accelerator) -> None:
+    """Refuse fp16 on the CPU, where accelerate applies no autocast and would train in fp32 without a word."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError(
+            "fp16 mixed precision (--mixed_precision or accelerate's config) does not run on the CPU: accelerate "
+            "would train in fp32. Use --mixed_precision bf16 (bfloat16 autocast works on the CPU) or no."
+        )
+
+
+def use_all_cpu_cores(accelerator: Accelerator) -> None:
+    """Give each process of a CPU run its share of the cores when `accelerate launch` left it a single thread.
+
+    Unless given --cpu or OMP_NUM_THREADS, `accelerate launch` sets OMP_NUM_THREADS to 1 in the processes it starts
+    (`--num_cpu_threads_per_process` defaults to $OMP_NUM_THREADS or 1: accelerate/commands/launch.py,
+    utils/launch.py), which suits GPU processes and leaves all cores but one idle in CPU training. A single thread
+    taken on purpose is kept with `taskset`: the share counts the cores this process may run on.
+    """
+    launched = "ACCELERATE_DYNAMO_BACKEND" in os.environ  # set by every `accelerate launch`
+    if accelerator.device.type != "cpu" or not launched or os.environ.get("OMP_NUM_THREADS") != "1":
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if threads > 1:
+        torch.set_num_threads(threads)
+        logger.info(f"CPU training: {threads} threads per process (accelerate launch had set OMP_NUM_THREADS=1)")
+
+
+def hub_repo_id(args: argparse.Namespace, accelerator: Accelerator) -> str:
+    """The repo id the card names. With --push_to_hub, the full Hub id, checked now (token, reachable, writable):
+    a run that could not be pushed fails before its first step, not after its last."""
+    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+    if args.push_to_hub and accelerator.is_main_process:
+        return check_hub_access(repo_id, args.hub_token, args.hub_private_repo)
+    return repo_id
 
 
 def build_models(args: argparse.Namespace, model_config: dict, channels: int):
@@ -376,7 +439,7 @@ class Trainer:
         checksums = self.accelerator.gather(checksum)
         return bool((checksums == checksums[0]).all())
 
-    def save_final(self, dataset_name: str, training_config: dict) -> None:
+    def save_final(self, dataset_name: str, training_config: dict, repo_id: str) -> None:
         """The EMA pipeline, a sample grid and the model card in output_dir; pushed to the Hub when asked."""
         in_sync = self.processes_in_sync()
         if not in_sync:
@@ -393,9 +456,6 @@ class Trainer:
             self.sample_grid().save(self.output_dir / "samples.png")
             summary = {"training_facts": facts, "code_usage": usage}
             (self.output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
-        repo_id = args.hub_model_id or self.output_dir.resolve().name
-        if args.push_to_hub:  # the card's usage snippet needs the full "user/name" id
-            repo_id = create_repo(repo_id, exist_ok=True, private=args.hub_private_repo, token=args.hub_token).repo_id
         card_facts = {"steps": facts["step"], "images_seen": facts["step"] * self.global_batch,
                       "final_loss": facts["loss"], "processes_in_sync": facts["processes_in_sync"]}
         write_model_card(
@@ -406,7 +466,14 @@ class Trainer:
         if usage is not None:
             print("Code usage: " + ", ".join(f"{key} {value:.4g}" for key, value in usage.items()))
         if args.push_to_hub:
-            push_to_hub(self.output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
+            try:
+                push_to_hub(self.output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
+            except Exception as error:  # the Hub or the network failed after training: say that nothing is lost
+                raise RuntimeError(
+                    f"Uploading to {repo_id} failed ({type(error).__name__}: {error}). {self.output_dir} holds the "
+                    "trained pipeline and its card; push them again with `from qac_diffusers.training.hub import "
+                    f"push_to_hub; push_to_hub({str(self.output_dir)!r}, {repo_id!r})`."
+                ) from error
             print(f"Pushed to the Hub repo {repo_id}")
 
 
@@ -442,20 +509,26 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(args.seed)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    check_mixed_precision(accelerator)
+    use_all_cpu_cores(accelerator)
+    repo_id = hub_repo_id(args, accelerator)
 
     trainer = Trainer(args, accelerator, model_config, dataset, channels)
     if checkpoint is not None:
         check_resumable(checkpoint, trainer.resume_config, args.max_train_steps)
     public_args = {key: value for key, value in vars(args).items() if key != "hub_token"}  # never write the token
-    training_config = {
+    local_dataset = args.dataset_name is not None and os.path.isdir(args.dataset_name)
+    # One public form, written to training_config.json and shown in the card: no token, no path of this machine.
+    training_config = without_local_paths({
         "args": public_args,
         "model": model_config,
         "data": {"images": len(dataset), "channels": channels},
+        "mixed_precision": accelerator.mixed_precision,
         "num_processes": accelerator.num_processes,
         "global_batch": trainer.global_batch,
         "parameters": {"unet": trainer.ema_unet.num_parameters(),
                        "encoder": 0 if trainer.ema_encoder is None else trainer.ema_encoder.num_parameters()},
-    }
+    }, path_keys=PATH_ARGS + (("dataset_name",) if local_dataset else ()))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_config.json").write_text(json.dumps(training_config, indent=2, default=str))
@@ -473,7 +546,7 @@ def main(argv: list[str] | None = None) -> None:
 
     trainer.train(checkpoint)
     accelerator.wait_for_everyone()
-    trainer.save_final(args.dataset_name or args.train_data_dir or "digits", training_config)
+    trainer.save_final(args.dataset_name or args.train_data_dir or "digits", training_config, repo_id)
     accelerator.end_training()
 
 

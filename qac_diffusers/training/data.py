@@ -26,6 +26,7 @@ from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS
 from PIL import Image
 from sklearn.datasets import load_digits
 
+
 BUILTIN_DATASETS = ("digits", "animal-mnist")
 # The column that `load_image_dataset` adds: the row number, which keys the random augmentation of each example.
 INDEX_COLUMN = "example_index"

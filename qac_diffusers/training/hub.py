@@ -9,12 +9,17 @@ the repository's `model_cards/qac_model_card.md`; an installed wheel ships it as
 import glob
 import json
 import os
+from collections.abc import Callable, Collection, Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import diffusers
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError
 
 from .data import BUILTIN_DATASETS
+
 
 TEMPLATE_NAME = "qac_model_card.md"
 TAGS = ["qac", "diffusers", "diffusers-training", "unconditional-image-generation"]
@@ -26,6 +31,9 @@ TRAINING_FACT_KEYS = ("steps", "images_seen", "final_loss")
 # being written) excluded. Anything else (checkpoint-*, logs/, temporary folders, optimizer states) stays local.
 UPLOADED_SUFFIXES = (".png", ".json", ".py")
 CARD_NAME = "README.md"
+# Uploaded files not searched for private strings before an upload: weights, large and never holding text.
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOKENS_URL = "https://huggingface.co/settings/tokens"
 
 
 def default_template_path() -> Path:
@@ -49,6 +57,38 @@ def _check_output_dir(output_dir: str | os.PathLike) -> Path:
             "`pipeline.save_pretrained(output_dir)` before writing the card or pushing."
         )
     return output_dir
+
+
+def without_local_paths(config: Any, path_keys: Collection[str] = ()) -> Any:
+    r"""
+    A copy of a (nested) configuration that names no folder of this machine, to publish or to write beside a model.
+
+    The values of `path_keys` (at any depth) and every absolute path become their last component:
+    `{"train_data_dir": "/home/me/data/faces"}` becomes `{"train_data_dir": "faces"}`. `os.PathLike` values become
+    strings. Relative paths outside `path_keys` are kept: nothing tells them apart from other strings.
+
+    Args:
+        config (`Any`):
+            A JSON-like value: dicts, lists, tuples, strings, numbers, paths.
+        path_keys (`Collection[str]`, *optional*):
+            The keys whose string values are local paths, relative or absolute.
+
+    Returns:
+        `Any`: the same structure with the paths shortened (tuples become lists, as in JSON).
+    """
+    return _without_local_paths(None, config, path_keys)
+
+
+def _without_local_paths(key: str | None, value: Any, path_keys: Collection[str]) -> Any:
+    if isinstance(value, dict):
+        return {name: _without_local_paths(name, item, path_keys) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_local_paths(key, item, path_keys) for item in value]
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str) and (key in path_keys or os.path.isabs(value)):
+        return Path(os.path.abspath(value)).name  # abspath: "." or "runs/.." is named after the folder it means
+    return value
 
 
 def _check_keys(name: str, values: dict, required: tuple[str, ...]) -> None:
@@ -111,8 +151,10 @@ def write_model_card(
             What the model was trained on: a built-in name ("digits", "animal-mnist"), a Hub data set id (listed in
             the card's `datasets` metadata and linked) or a local image folder (named, its path left out).
         training_config (`dict`):
-            The resolved training configuration, shown as JSON (other values, e.g. paths, with `str`, as
-            train_qac.py writes training_config.json). Leave secrets such as `hub_token` out: the card is public.
+            The resolved training configuration, shown as JSON (other values with `str`, as train_qac.py writes
+            training_config.json) after [`without_local_paths`]: absolute paths are shown by their last component
+            only. Pass relative paths through `without_local_paths` with their keys first, and leave secrets such as
+            `hub_token` out: the card is public.
         code_usage (`dict`, *optional*):
             `qac_diffusers.training.code_usage.code_usage` of the published code weights; `None` for a baseline.
         training_facts (`dict`):
@@ -153,7 +195,7 @@ def write_model_card(
         training_facts=training_facts,
         code_usage=code_usage,
         diffusers_version=diffusers.__version__,  # that of the code save_pretrained ships
-        training_config_json=json.dumps(training_config, indent=2, default=str),
+        training_config_json=json.dumps(without_local_paths(training_config), indent=2, default=str),
         **dataset,
     )
     card_path = output_dir / CARD_NAME
@@ -166,26 +208,131 @@ def _is_uploaded_file(path: Path) -> bool:
     return path.is_file() and not hidden and (path.name == CARD_NAME or path.suffix in UPLOADED_SUFFIXES)
 
 
+def _top_level_files(output_dir: Path) -> list[Path]:
+    return [path for path in sorted(output_dir.iterdir()) if _is_uploaded_file(path)]
+
+
+def _component_folders(output_dir: Path) -> list[str]:
+    """The folders of the pipeline's components, as model_index.json names them."""
+    model_index = json.loads((output_dir / "model_index.json").read_text(encoding="utf-8"))
+    # `_class_name` is a list too when it names the pipeline's shipped file, but it is no folder
+    components = {name: value for name, value in model_index.items() if not name.startswith("_")}
+    return [name for name, value in components.items() if isinstance(value, list) and value[0] is not None]
+
+
 def _upload_patterns(output_dir: Path) -> list[str]:
     """`allow_patterns` for `upload_folder`: the component folders named in model_index.json and the top-level
     README.md, PNG and JSON files that are not hidden (exact names, escaped: a `*.png` pattern would also match
     inside subfolders, since fnmatch's `*` matches "/")."""
-    model_index = json.loads((output_dir / "model_index.json").read_text(encoding="utf-8"))
-    components = [
-        f"{name}/*" for name, value in model_index.items() if isinstance(value, list) and value[0] is not None
+    top_level = [glob.escape(path.name) for path in _top_level_files(output_dir)]
+    return top_level + [f"{name}/*" for name in _component_folders(output_dir)]
+
+
+def _uploaded_files(output_dir: Path) -> list[Path]:
+    """The files that `upload_folder` sends with `_upload_patterns`."""
+    in_components = [
+        path for name in _component_folders(output_dir) for path in sorted((output_dir / name).rglob("*"))
     ]
-    top_level = [glob.escape(path.name) for path in sorted(output_dir.iterdir()) if _is_uploaded_file(path)]
-    return top_level + components
+    return _top_level_files(output_dir) + [path for path in in_components if path.is_file()]
 
 
-def _check_token_not_published(output_dir: Path, token: str) -> None:
-    """Refuse to upload a top-level file that holds the token, e.g. a `--hub_token` recorded in the training config."""
-    for path in sorted(output_dir.iterdir()):
-        if _is_uploaded_file(path) and token.encode() in path.read_bytes():
+def _json_strings(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            yield from _json_strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def _local_paths_named(path: Path, content: bytes, private_paths: set[str]) -> list[str]:
+    """The private paths in a file's content and, for a JSON file, every absolute path among its values (e.g. the
+    `_name_or_path` that diffusers records when a pipeline loaded from a local folder is saved again)."""
+    named = sorted(private for private in private_paths if private.encode() in content)
+    if path.suffix == ".json":
+        named += [value for value in _json_strings(json.loads(content)) if os.path.isabs(value)]
+    return named
+
+
+def _check_nothing_private(output_dir: Path, token: str | None) -> None:
+    """Refuse to upload a file that holds the token (e.g. a `--hub_token` recorded in the training config) or names
+    a local path: the output folder's, one in the home folder, or any absolute path in a JSON file."""
+    home = Path.home()
+    private_paths = {str(output_dir.resolve()), str(output_dir.absolute())}
+    private_paths |= {str(home) + os.sep} if home.parent != home else set()
+    for path in _uploaded_files(output_dir):
+        if path.suffix in WEIGHT_SUFFIXES:
+            continue
+        content = path.read_bytes()
+        if token is not None and token.encode() in content:
             raise ValueError(
                 f"{path} holds the Hub token, which the upload would publish. Leave the token out of it (e.g. drop "
                 "`hub_token` from the training configuration), write it again, and revoke the token if it was shared."
             )
+        named = _local_paths_named(path, content, private_paths)
+        if named:
+            raise ValueError(
+                f"{path} names the local path {named[0]!r}, which the upload would publish. Write it again without "
+                "local paths (`qac_diffusers.training.hub.without_local_paths` shortens those of a configuration)."
+            )
+
+
+def check_hub_access(repo_id: str, token: str | None = None, private: bool = False) -> str:
+    r"""
+    Check, before a long job, that its result can be pushed: a token is found, the Hub answers, the token may write,
+    and the repo exists or can be created (it is created now, with `exist_ok=True`, as diffusers' training scripts do
+    at their start).
+
+    A read-only token is refused from what the Hub says about it (`whoami`); a fine-grained token's permissions per
+    repo are only known when the upload is tried.
+
+    Args:
+        repo_id (`str`):
+            The repo id; without a namespace ("name") it goes to the token's user.
+        token (`str`, *optional*):
+            The Hub token; defaults to the client's (`HF_TOKEN` or `hf auth login`).
+        private (`bool`, *optional*, defaults to `False`):
+            Whether a newly created repo is private.
+
+    Returns:
+        `str`: the full repo id ("user/name").
+
+    Raises:
+        `ValueError`: if offline mode (`HF_HUB_OFFLINE`) is on, no token is found, the Hub rejects the token, the
+        token is read-only, or the repo cannot be created.
+        `ConnectionError`: if the Hub cannot be reached.
+    """
+    token = token or get_token()
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"Pushing to the Hub repo {repo_id} needs the network, but HF_HUB_OFFLINE is set: unset it.")
+    if token is None:
+        raise ValueError(
+            f"Pushing to the Hub repo {repo_id} needs a token with write access, and none was found: log in with "
+            f"`hf auth login` or set the HF_TOKEN environment variable (tokens: {TOKENS_URL})."
+        )
+    api = HfApi(token=token)
+    access_token = _hub_call(api.whoami, api.endpoint, "check the token").get("auth", {}).get("accessToken", {})
+    if access_token.get("role") == "read":
+        raise ValueError(
+            f"The Hub token {access_token.get('displayName')!r} is read-only: pushing to {repo_id} needs one with "
+            f"write access. Create one at {TOKENS_URL} and log in with it (`hf auth login`)."
+        )
+    create = partial(api.create_repo, repo_id, private=private, exist_ok=True)
+    return _hub_call(create, api.endpoint, f"create or open the repo {repo_id}").repo_id
+
+
+def _hub_call(call: Callable[[], Any], endpoint: str, purpose: str) -> Any:
+    """`call()`, with its failure said in one sentence: the Hub's answer, or that it could not be reached."""
+    try:
+        return call()
+    except HfHubHTTPError as error:
+        raise ValueError(f"The Hub at {endpoint} refused to {purpose}: {error}") from error
+    except Exception as error:  # the HTTP client's network errors (httpx2 today) share no base class with OSError
+        raise ConnectionError(
+            f"Cannot reach the Hub at {endpoint} to {purpose} ({type(error).__name__}: {error}). Check the network "
+            "connection (and HF_ENDPOINT if set)."
+        ) from error
 
 
 def push_to_hub(
@@ -219,11 +366,11 @@ def push_to_hub(
 
     Raises:
         `OSError`: if `output_dir` does not exist or holds no model_index.json.
-        `ValueError`: if a top-level file to upload holds the `token` passed (nothing is created or uploaded then).
+        `ValueError`: if a file to upload holds the `token` passed or names the absolute path of `output_dir` or of
+        the home folder (nothing is created or uploaded then).
     """
     output_dir = _check_output_dir(output_dir)
-    if token is not None:
-        _check_token_not_published(output_dir, token)
+    _check_nothing_private(output_dir, token)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     api.upload_folder(

@@ -18,6 +18,7 @@ from qac_diffusers.training.data import (
     load_image_dataset,
 )
 
+
 # A 4x4 grey gradient that is not left-right symmetric, so a flip is visible.
 GRADIENT = np.arange(16, dtype=np.uint8).reshape(4, 4) * 17
 
