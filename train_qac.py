@@ -542,7 +542,8 @@ def main(argv: list[str] | None = None) -> None:
         remove_previous_run(previous_run)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers(TRACKER_PROJECT, config={k: v for k, v in public_args.items() if v is not None})
+        tracker_config = {key: value for key, value in training_config["args"].items() if value is not None}
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config)
 
     trainer.train(checkpoint)
     accelerator.wait_for_everyone()

@@ -277,3 +277,6 @@ def test_tensorboard_logs_losses_code_usage_and_sample_grids(tmp_path):
     assert {"loss", "lr", "batch_distinct_codes", "code_weights/entropy_bits"} <= set(events.Tags()["scalars"])
     assert events.Tags()["images"] == ["validation"]
     assert (tmp_path / "samples" / "step-0000002.png").is_file()
+    # the tracker's configuration is the public one: an uploading tracker (wandb) would publish it
+    event_bytes = b"".join(path.read_bytes() for path in (tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert str(tmp_path).encode() not in event_bytes
