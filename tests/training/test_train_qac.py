@@ -3,6 +3,7 @@ processes, Hub upload."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -236,15 +237,22 @@ def test_baseline_is_the_same_unet_without_codes(tmp_path):
     assert pipe.unet.config.block_out_channels == [32, 64]
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
     flags = ["--max_train_steps", "3", "--report_to", "none", "--validation_steps", "100",
              "--num_validation_images", "4"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()),  # a left-over run on the default port would block this one
                str(REPO_ROOT / "train_qac.py"), "--output_dir", str(tmp_path / "two"), "--train_batch_size", "256",
                *flags]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     train_qac.main(["--output_dir", str(tmp_path / "one"), "--train_batch_size", "512", *flags])
 
