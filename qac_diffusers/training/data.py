@@ -8,8 +8,9 @@ random crop, optional horizontal flip, scale to [-1, 1]), written with PIL, nump
 
 Random augmentation is stateless: the flip and the crop of an example are drawn from a generator seeded with
 (seed, epoch, example index), never from a global RNG. The same seed gives the same images whatever the batch
-composition, the number of DataLoader workers or processes, and a run resumed mid-epoch (for example with
-`accelerator.skip_first_batches`) sees exactly the images the uninterrupted run would have seen.
+composition, the number of DataLoader workers or processes, and a run resumed mid-epoch (train_qac.py restarts its
+stream of micro-batches at the resumed step, see micro_batches.py) sees exactly the images the uninterrupted run would
+have seen.
 """
 
 import gzip
