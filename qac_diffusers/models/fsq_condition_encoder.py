@@ -64,6 +64,96 @@ def straight_through_quantize(
     return quantize(y.detach(), code_levels) + (surrogate - surrogate.detach())
 
 
+def down_path_config(unet: ModelMixin) -> dict:
+    """
+    The backbone sized for a denoiser (DESIGN.md section 3): about 1/4 of its channels (rounded to its group size) and
+    1/2 of its ResNet blocks per resolution, at its image size and channel count.
+
+    Args:
+        unet ([`UNet2DModel`] or [`QACUNet2DModel`]): The denoiser.
+
+    Returns:
+        `dict` with `in_channels`, `sample_size`, `block_out_channels`, `layers_per_block` and `norm_num_groups`.
+    """
+    groups = unet.config.norm_num_groups
+    quarter = [max(groups, round(channels / 4 / groups) * groups) for channels in unet.config.block_out_channels]
+    return {
+        "in_channels": unet.config.in_channels,
+        "sample_size": unet.config.sample_size,
+        "block_out_channels": tuple(quarter),
+        "layers_per_block": max(1, unet.config.layers_per_block // 2),
+        "norm_num_groups": min(groups, min(quarter)),
+    }
+
+
+# The encoder backbone, shared by the condition encoders and the noise encoder: the down path of a UNet without time
+# input (paper section 4.1, after RNE). It lives in this module because a component's module must import nothing from
+# the package: plain diffusers downloads only that one file of a component folder from the Hub (see remote_code.py).
+
+
+class DownPathMixin:
+    """
+    Gives an encoder the modules `conv_in`, `down_blocks`, `norm_out` and `act` (every resolution level but the last
+    halves the resolution) and [`down_path`], which runs them. The modules are attributes of the encoder itself, so
+    its weight names stay those of the first encoder that had them (`FSQConditionEncoder`).
+    """
+
+    def init_down_path(
+        self, in_channels: int, block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int
+    ) -> None:
+        """Build the backbone's modules (call it in `__init__`)."""
+        if any(channels % norm_num_groups for channels in block_out_channels):
+            raise ValueError(
+                f"Every entry of `block_out_channels` {tuple(block_out_channels)} must be divisible by "
+                f"`norm_num_groups` ({norm_num_groups})."
+            )
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownBlock2D(
+                in_channels=block_out_channels[max(i - 1, 0)],
+                out_channels=channels,
+                temb_channels=None,
+                num_layers=layers_per_block,
+                resnet_groups=norm_num_groups,
+                add_downsample=i < len(block_out_channels) - 1,
+            )
+            for i, channels in enumerate(block_out_channels)
+        )
+        self.norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[-1])
+        self.act = nn.SiLU()
+
+    def down_path(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """
+        Run the backbone.
+
+        Args:
+            images (`torch.Tensor` of shape `(batch, in_channels, sample_size, sample_size)`): Clean images in [-1, 1].
+
+        Returns:
+            `tuple` `(pooled, skips)`: `pooled` of shape `(batch, block_out_channels[-1])`, the globally averaged
+            normalised features the condition heads read; `skips`, the output of `conv_in` and of every ResNet and
+            downsampling layer in order (as `UNet2DModel` collects them for its up path), which the noise head reads.
+        """
+        self.check_images(images)
+        hidden = self.conv_in(images)
+        skips = (hidden,)
+        for block in self.down_blocks:
+            hidden, states = block(hidden)
+            skips += states
+        pooled = self.act(self.norm_out(hidden)).mean(dim=(2, 3))
+        return pooled, skips
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise a `ValueError` unless `images` is a batch of the encoder's channel count and size."""
+        expected = (self.config.in_channels, self.config.sample_size, self.config.sample_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"{type(self).__name__} expects images of shape (batch, {expected[0]}, {expected[1]}, {expected[2]}), "
+                f"got {tuple(images.shape)}. Resize the images to {expected[1]}x{expected[2]} with {expected[0]} "
+                "channel(s)."
+            )
+
+
 def _check_codebook(code_dim: int, code_levels: int) -> None:
     if code_dim < 1 or code_levels < 2:
         raise ValueError(
@@ -77,7 +167,7 @@ def _check_codebook(code_dim: int, code_levels: int) -> None:
         )
 
 
-class FSQConditionEncoder(ModelMixin, ConfigMixin):
+class FSQConditionEncoder(ModelMixin, ConfigMixin, DownPathMixin):
     r"""
     A small image encoder (the down path of a UNet without time input, global pooling and a linear layer to `code_dim`
     channels) followed by finite scalar quantization. It also holds `code_weights`, the online estimate of how often
@@ -118,26 +208,7 @@ class FSQConditionEncoder(ModelMixin, ConfigMixin):
         _check_codebook(code_dim, code_levels)
         if straight_through not in ("sigmoid", "identity"):
             raise ValueError(f"`straight_through` must be 'sigmoid' or 'identity', got {straight_through!r}.")
-        if any(channels % norm_num_groups for channels in block_out_channels):
-            raise ValueError(
-                f"Every entry of `block_out_channels` {tuple(block_out_channels)} must be divisible by "
-                f"`norm_num_groups` ({norm_num_groups})."
-            )
-
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
-        self.down_blocks = nn.ModuleList(
-            DownBlock2D(
-                in_channels=block_out_channels[max(i - 1, 0)],
-                out_channels=channels,
-                temb_channels=None,
-                num_layers=layers_per_block,
-                resnet_groups=norm_num_groups,
-                add_downsample=i < len(block_out_channels) - 1,
-            )
-            for i, channels in enumerate(block_out_channels)
-        )
-        self.norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[-1])
-        self.act = nn.SiLU()
+        self.init_down_path(in_channels, block_out_channels, layers_per_block, norm_num_groups)
         self.proj_out = nn.Linear(block_out_channels[-1], code_dim)
 
         self.register_buffer("radix", code_levels ** torch.arange(code_dim), persistent=False)
@@ -167,17 +238,7 @@ class FSQConditionEncoder(ModelMixin, ConfigMixin):
             code_dim (`int`), code_levels (`int`): d and L.
             kwargs: Any other constructor argument, overriding the derived one.
         """
-        groups = unet.config.norm_num_groups
-        quarter = [max(groups, round(channels / 4 / groups) * groups) for channels in unet.config.block_out_channels]
-        config = {
-            "in_channels": unet.config.in_channels,
-            "sample_size": unet.config.sample_size,
-            "block_out_channels": tuple(quarter),
-            "layers_per_block": max(1, unet.config.layers_per_block // 2),
-            "norm_num_groups": min(groups, min(quarter)),
-            "code_dim": code_dim,
-            "code_levels": code_levels,
-        }
+        config = {**down_path_config(unet), "code_dim": code_dim, "code_levels": code_levels}
         return cls(**{**config, **kwargs})
 
     def forward(self, images: torch.Tensor, return_dict: bool = True) -> FSQConditionEncoderOutput | tuple:
@@ -192,11 +253,17 @@ class FSQConditionEncoder(ModelMixin, ConfigMixin):
         Returns:
             [`FSQConditionEncoderOutput`] or `tuple` `(codes, indices, pre_quantized)`.
         """
-        self._check_images(images)
-        hidden = self.conv_in(images)
-        for block in self.down_blocks:
-            hidden, _ = block(hidden)
-        hidden = self.act(self.norm_out(hidden)).mean(dim=(2, 3))
+        hidden, _ = self.down_path(images)
+        return self.code_head(hidden, return_dict)
+
+    def code_head(self, hidden: torch.Tensor, return_dict: bool = True) -> FSQConditionEncoderOutput | tuple:
+        """
+        The code head: the linear layer to `code_dim` channels and the quantizer, on the backbone's pooled features.
+
+        Args:
+            hidden (`torch.Tensor` of shape `(batch_size, block_out_channels[-1])`): `down_path(images)[0]`.
+            return_dict (`bool`, defaults to `True`): Return a [`FSQConditionEncoderOutput`] instead of a tuple.
+        """
         # Quantize in float32 whatever the model's dtype: floor(L * sigmoid(y)) is sensitive to rounding.
         y = self.proj_out(hidden).float()
         codes = straight_through_quantize(y, self.config.code_levels, self.config.straight_through)
@@ -293,13 +360,3 @@ class FSQConditionEncoder(ModelMixin, ConfigMixin):
     def _draw(self, num_samples: int, generator: torch.Generator | None) -> torch.LongTensor:
         weights = self.code_weights if generator is None else self.code_weights.to(generator.device)
         return torch.multinomial(weights, num_samples, replacement=True, generator=generator)
-
-    def _check_images(self, images: torch.Tensor) -> None:
-        expected = (self.config.in_channels, self.config.sample_size, self.config.sample_size)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"FSQConditionEncoder expects images of shape (batch, {expected[0]}, {expected[1]}, {expected[2]}), "
-                f"got {tuple(images.shape)}. Resize the images to {expected[1]}x{expected[2]} with {expected[0]} "
-                "channel(s)."
-            )
-
