@@ -1,6 +1,8 @@
 # Copyright 2026 The qac-diffusers authors. Licensed under the Apache License, Version 2.0.
 """Code usage statistics: collapse of the quantized codes must be visible, never silent."""
 
+from collections.abc import Iterable
+
 import torch
 
 
@@ -98,3 +100,30 @@ def _collected_weights(code_weights: torch.Tensor) -> torch.Tensor:
     if not weights.sum() > 0:
         raise ValueError("The code weights are all zero: no code usage was collected, so there is nothing to rank.")
     return weights
+
+
+@torch.no_grad()
+def offline_code_weights(encoder, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """
+    Offline code weights (paper section 3.3 and Table 2): the share of every code among the images of `batches` under
+    `encoder` (the paper counts the training set under the final EMA encoder), as an alternative to the online
+    weights collected during training.
+
+    They come in the layout of the online ones, `FSQConditionEncoder.code_weights` (float32, one entry per code,
+    summing to 1 as the online weights do once training has run long enough), so storing them is
+    `encoder.code_weights.copy_(weights)` and sampling draws codes from them unchanged.
+
+    Args:
+        encoder ([`FSQConditionEncoder`]): The encoder, in eval mode.
+        batches (`Iterable[torch.Tensor]`): Batches of images of shape `(batch, channels, height, width)` in [-1, 1].
+
+    Returns:
+        `torch.Tensor` of shape `(codebook_size,)`, float32.
+    """
+    counts = torch.zeros(encoder.codebook_size, dtype=torch.float64)
+    for images in batches:
+        indices = encoder(images.to(device=encoder.device, dtype=encoder.dtype)).indices
+        counts += torch.bincount(indices.cpu(), minlength=encoder.codebook_size)
+    if not counts.sum() > 0:
+        raise ValueError("Got no images to count the codes of: pass a non-empty data set.")
+    return (counts / counts.sum()).float()
