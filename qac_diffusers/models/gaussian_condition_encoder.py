@@ -117,6 +117,7 @@ class GaussianConditionEncoder(ModelMixin, ConfigMixin, DownPathMixin):
         images: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
         sample_posterior: bool = False,
+        noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> GaussianConditionEncoderOutput | tuple:
         """
@@ -128,26 +129,30 @@ class GaussianConditionEncoder(ModelMixin, ConfigMixin, DownPathMixin):
             generator (`torch.Generator` or a list of them, *optional*): Draws the posterior sample.
             sample_posterior (`bool`, defaults to `False`): Return y = mean + exp(logvar / 2) * n, n ~ N(0, I) (the
                 reparameterization training needs) instead of the mean (as diffusers' `AutoencoderKL`).
+            noise (`torch.Tensor` of shape `(batch_size, code_dim)`, *optional*): The unit noise n, e.g. a process's
+                slice of noise drawn for a whole distributed batch; drawn with `generator` when `None`.
             return_dict (`bool`, defaults to `True`): Return a [`GaussianConditionEncoderOutput`] instead of a tuple.
 
         Returns:
             [`GaussianConditionEncoderOutput`] or `tuple` `(codes, mean, logvar, kl, prior_loss)`.
         """
         hidden, _ = self.down_path(images)
-        return self.code_head(hidden, generator, sample_posterior, return_dict)
+        return self.code_head(hidden, generator, sample_posterior, noise, return_dict)
 
     def code_head(
         self,
         hidden: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
         sample_posterior: bool = False,
+        noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> GaussianConditionEncoderOutput | tuple:
         """The two linear heads on the backbone's pooled features `down_path(images)[0]`; arguments as [`forward`]."""
         mean, logvar = self.proj_mean(hidden).float(), self.proj_logvar(hidden).float()
         codes = mean
         if sample_posterior:
-            noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            if noise is None:
+                noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             codes = mean + (0.5 * logvar).exp() * noise
         kl = gaussian_kl(mean, logvar)
         outputs = (codes, mean, logvar, kl, self.config.kl_weight * kl)

@@ -134,6 +134,7 @@ class NoiseEncoder(ModelMixin, ConfigMixin, DownPathMixin):
         self,
         images: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> NoiseEncoderOutput | tuple:
         """
@@ -143,6 +144,8 @@ class NoiseEncoder(ModelMixin, ConfigMixin, DownPathMixin):
             images (`torch.Tensor` of shape `(batch_size, in_channels, sample_size, sample_size)`): Clean images in
                 [-1, 1].
             generator (`torch.Generator` or a list of them, *optional*): Draws n in z = mean + exp(logvar / 2) * n.
+            noise (`torch.Tensor` of the images' shape, *optional*): n itself, e.g. a process's slice of noise drawn
+                for a whole distributed batch; drawn with `generator` when `None`.
             return_dict (`bool`, defaults to `True`): Return a [`NoiseEncoderOutput`] instead of a tuple.
 
         Returns:
@@ -154,12 +157,13 @@ class NoiseEncoder(ModelMixin, ConfigMixin, DownPathMixin):
                 "encoder's. Run both with `encode_jointly(condition_encoder, noise_encoder, images, generator)`."
             )
         _, skips = self.down_path(images)
-        return self.noise_head(skips, generator, return_dict)
+        return self.noise_head(skips, generator, noise, return_dict)
 
     def noise_head(
         self,
         skips: tuple[torch.Tensor, ...],
         generator: torch.Generator | list[torch.Generator] | None = None,
+        noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> NoiseEncoderOutput | tuple:
         """
@@ -168,14 +172,15 @@ class NoiseEncoder(ModelMixin, ConfigMixin, DownPathMixin):
         Args:
             skips (`tuple[torch.Tensor, ...]`): The backbone's skip features, as [`DownPathMixin.down_path`] returns
                 them (the last one is where the up path starts).
-            generator, return_dict: As in [`forward`].
+            generator, noise, return_dict: As in [`forward`].
         """
         hidden = skips[-1]
         for block in self.up_blocks:
             hidden = block(hidden, skips[-len(block.resnets) :])
             skips = skips[: -len(block.resnets)]
         mean, logvar = self.conv_out(self.conv_act(self.conv_norm_out(hidden))).float().chunk(2, dim=1)
-        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        if noise is None:
+            noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         kl = gaussian_kl(mean, logvar)
         outputs = (mean + (0.5 * logvar).exp() * noise, mean, logvar, kl, self.config.beta * kl)
         return NoiseEncoderOutput(*outputs) if return_dict else outputs
@@ -190,6 +195,7 @@ def encode_jointly(
     noise_encoder: NoiseEncoder,
     images: torch.Tensor,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    noise: torch.Tensor | None = None,
     **code_head_kwargs,
 ) -> tuple[BaseOutput, NoiseEncoderOutput]:
     """
@@ -200,7 +206,8 @@ def encode_jointly(
         condition_encoder ([`FSQConditionEncoder`] or [`GaussianConditionEncoder`]): Holds the backbone.
         noise_encoder ([`NoiseEncoder`]): Built with [`NoiseEncoder.for_encoder`] from `condition_encoder`.
         images (`torch.Tensor` of shape `(batch_size, in_channels, sample_size, sample_size)`): Clean images.
-        generator (`torch.Generator` or a list of them, *optional*): Draws the noise of the noise head.
+        generator (`torch.Generator` or a list of them, *optional*), noise (`torch.Tensor`, *optional*): The unit
+            noise of the noise head, or what draws it (see [`NoiseEncoder.forward`]).
         code_head_kwargs: Passed to the condition encoder's `code_head` (e.g. `generator=..., sample_posterior=True`
             for a [`GaussianConditionEncoder`] in training).
 
@@ -224,7 +231,7 @@ def encode_jointly(
             f"in {mismatched}. Build it with `NoiseEncoder.for_encoder(condition_encoder)`."
         )
     pooled, skips = condition_encoder.down_path(images)
-    return condition_encoder.code_head(pooled, **code_head_kwargs), noise_encoder.noise_head(skips, generator)
+    return condition_encoder.code_head(pooled, **code_head_kwargs), noise_encoder.noise_head(skips, generator, noise)
 
 
 def _as_tuple(value) -> tuple:

@@ -35,6 +35,8 @@ def test_forward_gives_the_mean_or_a_reparameterized_sample(encoder):
     sampled = encoder(images, generator=seeded(1), sample_posterior=True)
     noise = torch.randn(3, 4, generator=seeded(1))
     torch.testing.assert_close(sampled.codes, output.mean + (0.5 * output.logvar).exp() * noise)
+    passed = encoder(images, sample_posterior=True, noise=noise)
+    torch.testing.assert_close(passed.codes, sampled.codes, rtol=0, atol=0)
     torch.testing.assert_close(output.kl, gaussian_kl(output.mean, output.logvar))
     torch.testing.assert_close(output.prior_loss, 0.5 * output.kl)
 

@@ -46,6 +46,12 @@ def test_the_noise_is_reparameterized(noise_encoder):
     torch.testing.assert_close(output.noise, expected)
 
 
+def test_the_unit_noise_can_be_passed(noise_encoder):
+    unit = torch.randn(SHAPE, generator=seeded(6))
+    output = noise_encoder(images(), noise=unit)
+    torch.testing.assert_close(output.noise, output.mean + (0.5 * output.logvar).exp() * unit)
+
+
 def test_a_negative_beta_is_refused():
     with pytest.raises(ValueError, match=r"`beta` weighs the KL term .* >= 0, got -1.0. RNE's paper uses beta = 20"):
         NoiseEncoder(beta=-1.0)
