@@ -174,6 +174,15 @@ class IPNDMScheduler(SchedulerMixin, ConfigMixin):
         variable_step (`bool`, *optional*, defaults to `False`):
             Whether to use variable-step Adams-Bashforth weights, exact for the non-uniform schedule, instead of the
             fixed uniform-step weights of iPNDM.
+        fitted_sigmas (`list[list[float]]`, *optional*):
+            Schedules fitted to one trained model for this solver (see [`fit_schedules`]), at most one per NFE. Each
+            is the full list of sigmas that `set_timesteps` would otherwise compute from the polynomial formula for
+            its NFE: `num_inference_steps + 2` points with the analytical first step (`+ 1` without), strictly
+            decreasing from `sigma_max` to the final point (`sigma_min`, or 0 with `final_sigmas_type="zero"`).
+            `set_timesteps(n)` uses the schedule fitted for `n` model calls and the formula at any other `n`.
+        fitted_model_fingerprint (`str`, *optional*):
+            [`model_fingerprint`] of the model the schedules were fitted to; `QACPipeline` refuses a scheduler whose
+            fitted schedules belong to another model.
     """
 
     _compatibles = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]
@@ -190,6 +199,8 @@ class IPNDMScheduler(SchedulerMixin, ConfigMixin):
         analytical_first_step: bool = True,
         final_sigmas_type: Literal["sigma_min", "zero"] = "sigma_min",
         variable_step: bool = False,
+        fitted_sigmas: list[list[float]] | None = None,
+        fitted_model_fingerprint: str | None = None,
     ) -> None:
         if not 0 < sigma_min < sigma_max:
             raise ValueError(
@@ -204,6 +215,7 @@ class IPNDMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`max_order` must be one of 1, 2, 3 or 4, got {max_order=}.")
         if final_sigmas_type not in ("sigma_min", "zero"):
             raise ValueError(f"`final_sigmas_type` must be 'sigma_min' or 'zero', got {final_sigmas_type=}.")
+        self._check_fitted_sigmas(fitted_sigmas or [])
 
         # setable values: there is no default schedule, `set_timesteps` must be called before sampling
         self.num_inference_steps = None
@@ -389,7 +401,8 @@ class IPNDMScheduler(SchedulerMixin, ConfigMixin):
         The schedule has `N = num_inference_steps + 2` points with the analytical first step and `N =
         num_inference_steps + 1` without it, `sigma_i = (sigma_max**(1/rho) + i / (N - 1) * (sigma_min**(1/rho) -
         sigma_max**(1/rho)))**rho` (with `final_sigmas_type="zero"`: `N - 1` such points and a final 0). It is
-        computed in float64 and stored in float32 on the CPU in `sigmas`.
+        computed in float64 and stored in float32 on the CPU in `sigmas`. If the config holds a schedule fitted for
+        `num_inference_steps` (`fitted_sigmas`), that schedule is used instead.
 
         Args:
             num_inference_steps (`int`):
@@ -404,11 +417,10 @@ class IPNDMScheduler(SchedulerMixin, ConfigMixin):
             )
         self.num_inference_steps = int(num_inference_steps)
 
-        num_points = self.num_inference_steps + (2 if self.config.analytical_first_step else 1)
-        num_polynomial_points = num_points - 1 if self.config.final_sigmas_type == "zero" else num_points
-        sigmas = karras_sigmas(num_polynomial_points, self.config.sigma_min, self.config.sigma_max, self.config.rho)
-        if self.config.final_sigmas_type == "zero":
-            sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+        if self.num_inference_steps in self.fitted_num_inference_steps:
+            sigmas = torch.tensor(self._fitted_schedule(self.num_inference_steps), dtype=torch.float64)
+        else:
+            sigmas = self._formula_sigmas(self.num_inference_steps)
         self.sigmas = sigmas.to(torch.float32)  # kept on the CPU to avoid too much CPU/GPU communication
 
         first_call = self._sigma_offset()
@@ -614,6 +626,50 @@ class IPNDMScheduler(SchedulerMixin, ConfigMixin):
         """
         c_in = 1 / ((sigma**2 + self.config.sigma_data**2) ** 0.5)
         return c_in
+
+    @property
+    def fitted_num_inference_steps(self) -> list[int]:
+        """The NFEs that have a fitted schedule in the config (`fitted_sigmas`), in increasing order."""
+        return sorted(self._num_calls(len(schedule)) for schedule in self.config.fitted_sigmas or [])
+
+    def _fitted_schedule(self, num_inference_steps: int) -> list[float]:
+        """The fitted schedule for `num_inference_steps` model calls."""
+        schedules = self.config.fitted_sigmas
+        return next(sigmas for sigmas in schedules if self._num_calls(len(sigmas)) == num_inference_steps)
+
+    def _formula_sigmas(self, num_inference_steps: int) -> torch.Tensor:
+        """The polynomial schedule for `num_inference_steps` model calls (see `set_timesteps`), float64."""
+        num_points = num_inference_steps + 1 + self._sigma_offset()
+        num_polynomial_points = num_points - 1 if self.config.final_sigmas_type == "zero" else num_points
+        sigmas = karras_sigmas(num_polynomial_points, self.config.sigma_min, self.config.sigma_max, self.config.rho)
+        if self.config.final_sigmas_type == "zero":
+            sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+        return sigmas
+
+    def _num_calls(self, num_points: int) -> int:
+        """The number of model calls of a schedule of `num_points` sigmas."""
+        return num_points - 1 - self._sigma_offset()
+
+    def _check_fitted_sigmas(self, schedules: list[list[float]]) -> None:
+        """Refuse fitted schedules that this scheduler cannot run: wrong ends, not decreasing, two for one NFE."""
+        final = 0.0 if self.config.final_sigmas_type == "zero" else self.config.sigma_min
+        fix = "refit them for this scheduler's config (`fit_schedules`) or pass `fitted_sigmas=None`"
+        for sigmas in schedules:
+            if self._num_calls(len(sigmas)) < 1:
+                raise ValueError(f"A fitted schedule needs at least {2 + self._sigma_offset()} sigmas, got {sigmas}.")
+            ends = math.isclose(sigmas[0], self.config.sigma_max, rel_tol=1e-6) and math.isclose(
+                sigmas[-1], final, rel_tol=1e-6
+            )
+            if not ends:
+                raise ValueError(
+                    f"The fitted schedule {sigmas} does not run from sigma_max={self.config.sigma_max} to the final "
+                    f"point {final} of this scheduler's config: {fix}."
+                )
+            if any(later >= earlier for earlier, later in zip(sigmas, sigmas[1:])):
+                raise ValueError(f"The fitted schedule {sigmas} is not strictly decreasing: {fix}.")
+        num_calls = [self._num_calls(len(sigmas)) for sigmas in schedules]
+        if len(set(num_calls)) != len(num_calls):
+            raise ValueError(f"`fitted_sigmas` holds more than one schedule for one NFE (NFEs {num_calls}): {fix}.")
 
     def _sigma_offset(self) -> int:
         """The index in `sigmas` of the first model call: 1 with the analytical first step, else 0."""

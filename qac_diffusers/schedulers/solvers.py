@@ -48,6 +48,10 @@ class EDMDPMSolverMultistepSigmaMinScheduler(_EndsAtSigmaMin, EDMDPMSolverMultis
     """
 
 
+# The config entries of schedules fitted to a model for one solver (`IPNDMScheduler`'s `fitted_sigmas`).
+FITTED_SCHEDULE_KEYS = ("fitted_sigmas", "fitted_model_fingerprint")
+
+
 def _explicit(config) -> dict:
     """
     The settings every solver gets explicitly: diffusers' `from_config` drops the keys that a config built in memory
@@ -57,15 +61,29 @@ def _explicit(config) -> dict:
     return {"final_sigmas_type": config.get("final_sigmas_type", "sigma_min")}
 
 
+def _without_fitted_schedules(config) -> dict:
+    """`config` without fitted schedules: they were fitted for another solver."""
+    return {key: value for key, value in config.items() if key not in FITTED_SCHEDULE_KEYS}
+
+
+def _ipndm(config, variable_step: bool) -> IPNDMScheduler:
+    """iPNDM with fixed or variable-step weights; it keeps fitted schedules only if they were fitted for it."""
+    if config.get("variable_step", False) != variable_step:
+        config = _without_fitted_schedules(config)
+    return IPNDMScheduler.from_config(config, **_explicit(config), variable_step=variable_step)
+
+
 SOLVERS = {
-    "ipndm": lambda config: IPNDMScheduler.from_config(config, **_explicit(config), variable_step=False),
-    "ipndm_variable": lambda config: IPNDMScheduler.from_config(config, **_explicit(config), variable_step=True),
-    "euler": lambda config: EDMEulerSigmaMinScheduler.from_config(config, **_explicit(config)),
+    "ipndm": lambda config: _ipndm(config, variable_step=False),
+    "ipndm_variable": lambda config: _ipndm(config, variable_step=True),
+    "euler": lambda config: EDMEulerSigmaMinScheduler.from_config(
+        _without_fitted_schedules(config), **_explicit(config)
+    ),
     "dpmsolver2": lambda config: EDMDPMSolverMultistepSigmaMinScheduler.from_config(
-        config, **_explicit(config), solver_order=2
+        _without_fitted_schedules(config), **_explicit(config), solver_order=2
     ),
     "dpmsolver3": lambda config: EDMDPMSolverMultistepSigmaMinScheduler.from_config(
-        config, **_explicit(config), solver_order=3
+        _without_fitted_schedules(config), **_explicit(config), solver_order=3
     ),
 }
 
@@ -81,7 +99,8 @@ def solver_from_config(name: str, config) -> SchedulerMixin:
     `sigma_max` to `sigma_min`; with `"zero"` over `N` such points and a final 0. "euler" and "dpmsolver2/3" are
     diffusers' `EDMEulerScheduler` and `EDMDPMSolverMultistepScheduler` (`dpmsolver++`, otherwise their defaults)
     made to end that way; "ipndm" and "ipndm_variable" keep the config's analytical first step, which takes one more
-    step, free, at the start.
+    step, free, at the start. Schedules fitted to a model (`fitted_sigmas`) are kept only by the solver they were
+    fitted for (the iPNDM of `config`, fixed or variable-step weights); every other solver gets the Karras schedule.
     """
     if name not in SOLVERS:
         raise ValueError(f"Unknown solver {name!r}: choose one of {sorted(SOLVERS)}.")

@@ -28,6 +28,7 @@ ROOT_MODULES = {
     "unet_2d_qac.py",
     "fsq_condition_encoder.py",
     "edm_denoiser.py",
+    "fingerprint.py",
     "scheduling_ipndm.py",
     "qac_pipeline.py",
     "qac_image_edit.py",

@@ -20,6 +20,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, R
 from huggingface_hub.utils import validate_repo_id
 
 from ...models import FSQConditionEncoder, QACUNet2DModel, edm_denoise
+from ...models.fingerprint import model_fingerprint
 
 
 EXAMPLE_DOC_STRING = """
@@ -63,7 +64,8 @@ class QACPipeline(DiffusionPipeline):
     Parameters:
         unet ([`QACUNet2DModel`]): The code-conditioned denoiser F (EDM preconditioning is done by the scheduler).
         scheduler ([`SchedulerMixin`]): An EDM-style scheduler: [`IPNDMScheduler`] (default), or diffusers'
-            [`EDMEulerScheduler`] / [`EDMDPMSolverMultistepScheduler`].
+            [`EDMEulerScheduler`] / [`EDMDPMSolverMultistepScheduler`]. An [`IPNDMScheduler`] with schedules fitted
+            to another model (`fitted_model_fingerprint`) is refused.
         encoder ([`FSQConditionEncoder`], *optional*): Encodes images to codes and holds the code weights. `None`
             for the unconditional baseline (a `unet` with `code_dim=0`).
     """
@@ -74,6 +76,7 @@ class QACPipeline(DiffusionPipeline):
     def __init__(self, unet: QACUNet2DModel, scheduler: SchedulerMixin, encoder: FSQConditionEncoder | None = None):
         super().__init__()
         _check_components(unet, encoder)
+        _check_fitted_schedules(unet, encoder, scheduler)
         self.register_modules(unet=unet, scheduler=scheduler, encoder=encoder)
         self.image_processor = VaeImageProcessor(do_resize=False)
 
@@ -515,6 +518,24 @@ def _check_components(unet: QACUNet2DModel, encoder: FSQConditionEncoder | None)
         raise ValueError(
             f"The encoder makes codes with code_dim={encoder.config.code_dim}, code_levels="
             f"{encoder.config.code_levels} but the unet takes code_dim={code_dim}, code_levels={code_levels}."
+        )
+
+
+def _check_fitted_schedules(
+    unet: QACUNet2DModel, encoder: FSQConditionEncoder | None, scheduler: SchedulerMixin
+) -> None:
+    """
+    Refuse schedules fitted to another model. The fingerprint is of the float32 weights the schedules were fitted
+    with, so it is only compared for a float32 UNet: one loaded in another dtype keeps its schedules unchecked.
+    """
+    fingerprint = scheduler.config.get("fitted_model_fingerprint")
+    if fingerprint is None or unet.dtype != torch.float32:
+        return
+    if fingerprint != model_fingerprint(unet, encoder):
+        raise ValueError(
+            "The scheduler's fitted schedules (`fitted_sigmas`) were fitted to another model: refit them for this one "
+            "with `fit_schedules` (pipelines/fit_schedule.py), or drop them with `scheduler=IPNDMScheduler."
+            "from_config(scheduler.config, fitted_sigmas=None, fitted_model_fingerprint=None)`."
         )
 
 

@@ -1,0 +1,172 @@
+"""Fitted sampling schedules: the search, the scheduler config that carries them, and the pipeline that uses them."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_models, make_tiny_pipeline, seeded
+from qac_diffusers import IPNDMScheduler, QACPipeline
+from qac_diffusers.models.fingerprint import model_fingerprint
+from qac_diffusers.schedulers import solver_from_config
+from qac_diffusers.schedulers.schedule_fitting import (
+    ScheduleDistance,
+    _coordinate_descent,
+    fit_schedules,
+    pixel_features,
+)
+
+
+FIT_NFES = [1, 2]
+FIT_SETTINGS = {"num_samples": 6, "teacher_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A tiny pipeline, its schedules fitted at NFE 1 and 2, and the number of UNet calls the fit made."""
+    pipe = make_tiny_pipeline()
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    output = fit_schedules(pipe, FIT_NFES, **FIT_SETTINGS, generator=seeded(0), progress_bar=False)
+    hook.remove()
+    return pipe, output, len(calls)
+
+
+def test_descent_finds_the_brute_force_minimum_of_its_lattice():
+    # A distance with a known optimum: the search may only reach start * exp(k / 8) per interior point; among those
+    # points, brute force over the lattice gives the best ordered schedule, and the descent must end there.
+    start = [80.0, 10.0, 1.0, 0.002]
+    target = [80.0, 3.3, 0.07, 0.002]
+
+    def distance(sigmas):
+        return sum((math.log(s) - math.log(t)) ** 2 for s, t in zip(sigmas[1:-1], target[1:-1]))
+
+    found, best = _coordinate_descent(distance, start, (0.5, 0.25, 0.125))
+    lattice = [[start[i] * math.exp(k / 8) for k in range(-60, 40)] for i in (1, 2)]
+    candidates = [[80.0, a, b, 0.002] for a, b in itertools.product(*lattice) if 80.0 > a > b > 0.002]
+    brute_force = min(candidates, key=distance)
+    assert found == pytest.approx(brute_force, rel=1e-9) and best == pytest.approx(distance(brute_force))
+
+
+def test_descent_keeps_the_schedule_ordered():
+    # The optimum of this distance is out of order (the second point above the first): the descent must stop short.
+    found, _ = _coordinate_descent(lambda s: (s[1] - 0.5) ** 2 + (s[2] - 5.0) ** 2, [80.0, 10.0, 1.0, 0.002], (0.5,))
+    assert found[0] > found[1] > found[2] > found[3]
+
+
+def test_fit_is_deterministic_and_never_worse_than_the_formula(fitted):
+    pipe, output, calls = fitted
+    again = fit_schedules(make_tiny_pipeline(), FIT_NFES, **FIT_SETTINGS, generator=seeded(0), progress_bar=False)
+    assert again.scheduler.config.fitted_sigmas == output.scheduler.config.fitted_sigmas
+    for nfe in FIT_NFES:
+        assert output.fitted_distances[nfe] <= output.formula_distances[nfe]
+    assert output.num_model_calls == calls
+
+
+def test_fitted_schedule_is_locally_optimal(fitted):
+    # No single move of the smallest search step improves a fitted schedule: re-scored with the same noise, codes and
+    # teacher (the same seed), each neighbour is at least as far from the teacher.
+    pipe, output, _ = fitted
+    distance = ScheduleDistance(pipe, **FIT_SETTINGS, generator=seeded(0))
+    for nfe, sigmas in zip(FIT_NFES, output.scheduler.config.fitted_sigmas):
+        assert len(sigmas) == nfe + 2  # with the analytical first step
+        assert distance(sigmas) == pytest.approx(output.fitted_distances[nfe])
+        for index, factor in itertools.product(range(1, nfe + 1), (math.exp(0.125), math.exp(-0.125))):
+            neighbour = list(sigmas)
+            neighbour[index] *= factor
+            if neighbour[index - 1] > neighbour[index] > neighbour[index + 1]:
+                assert distance(neighbour) >= output.fitted_distances[nfe]
+
+
+def test_scheduler_uses_fitted_schedules_only_at_their_nfe(fitted):
+    _, output, _ = fitted
+    scheduler = output.scheduler
+    assert scheduler.fitted_num_inference_steps == FIT_NFES
+    for nfe, sigmas in zip(FIT_NFES, scheduler.config.fitted_sigmas):
+        scheduler.set_timesteps(nfe)
+        assert scheduler.sigmas.tolist() == pytest.approx(sigmas, rel=1e-6)
+        assert len(scheduler.timesteps) == nfe
+    scheduler.set_timesteps(3)
+    formula = IPNDMScheduler()
+    formula.set_timesteps(3)
+    assert torch.equal(scheduler.sigmas, formula.sigmas)
+
+
+def test_pipeline_samples_saves_and_loads_fitted_schedules(fitted, tmp_path):
+    pipe, output, _ = fitted
+    with_fit = QACPipeline(unet=pipe.unet, scheduler=output.scheduler, encoder=pipe.encoder)
+    with_fit.set_progress_bar_config(disable=True)
+    images = with_fit(batch_size=2, num_inference_steps=2, generator=seeded(), output_type="pt").images
+    formula_images = pipe(batch_size=2, num_inference_steps=2, generator=seeded(), output_type="pt").images
+    assert not torch.allclose(images, formula_images)
+
+    with_fit.save_pretrained(tmp_path)
+    loaded = QACPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.scheduler.config.fitted_sigmas == output.scheduler.config.fitted_sigmas
+    reloaded_images = loaded(batch_size=2, num_inference_steps=2, generator=seeded(), output_type="pt").images
+    assert torch.equal(reloaded_images, images)
+
+
+def test_pipeline_refuses_schedules_fitted_to_another_model(fitted):
+    _, output, _ = fitted
+    other_unet, other_encoder = make_tiny_models(seed=1)
+    assert output.scheduler.config.fitted_model_fingerprint != model_fingerprint(other_unet, other_encoder)
+    with pytest.raises(ValueError, match="fitted to another model: refit them"):
+        QACPipeline(unet=other_unet, scheduler=output.scheduler, encoder=other_encoder)
+
+
+def test_other_solvers_drop_the_fitted_schedules(fitted):
+    _, output, _ = fitted
+    config = output.scheduler.config
+    assert solver_from_config("ipndm", config).config.fitted_sigmas == config.fitted_sigmas
+    assert solver_from_config("ipndm_variable", config).config.fitted_sigmas is None
+    dpm = solver_from_config("dpmsolver2", config)
+    assert "fitted_sigmas" not in dpm.config
+
+
+@pytest.mark.parametrize(
+    "fitted_sigmas, message",
+    [
+        ([[80.0, 5.0, 5.0, 0.002]], "not strictly decreasing"),
+        ([[70.0, 5.0, 1.0, 0.002]], "does not run from sigma_max=80.0"),
+        ([[80.0, 5.0, 1.0, 0.0]], "to the final point 0.002"),
+        ([[80.0, 0.002]], "needs at least 3 sigmas"),
+        ([[80.0, 5.0, 1.0, 0.002], [80.0, 7.0, 2.0, 0.002]], "more than one schedule for one NFE"),
+    ],
+)
+def test_scheduler_refuses_bad_fitted_schedules(fitted_sigmas, message):
+    with pytest.raises(ValueError, match=message):
+        IPNDMScheduler(fitted_sigmas=fitted_sigmas)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_inference_steps": []}, "non-empty list of integers >= 1"),
+        ({"num_inference_steps": [0, 3]}, "non-empty list of integers >= 1"),
+        ({"num_inference_steps": [3, 3]}, "lists an NFE twice"),
+        ({"num_inference_steps": [5], "teacher_steps": 5}, "must exceed the largest NFE fitted"),
+        ({"num_inference_steps": [3], "num_samples": 1}, "an integer >= 2"),
+    ],
+)
+def test_fit_refuses_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fit_schedules(make_tiny_pipeline(), **kwargs)
+
+
+def test_fit_refuses_another_scheduler():
+    pipe = make_tiny_pipeline()
+    pipe.scheduler = solver_from_config("dpmsolver2", pipe.scheduler.config)
+    with pytest.raises(ValueError, match="fitted for the IPNDMScheduler"):
+        fit_schedules(pipe, [3])
+
+
+def test_pixel_features_pool_large_images_to_at_most_1024_values():
+    assert pixel_features(torch.zeros(2, 1, 8, 8)).shape == (2, 64)
+    assert pixel_features(torch.zeros(2, 1, 28, 28)).shape == (2, 784)
+    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    features = pixel_features(images)
+    assert features.shape == (2, 768) and features.dtype == torch.float64
+    assert features[0, 0] == images[0, 0, :2, :2].mean()
