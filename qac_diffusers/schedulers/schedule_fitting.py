@@ -11,7 +11,8 @@ classifier features rose 3x at NFE 3). So the search here runs the real sampler,
 first step, on every candidate schedule, and scores the *distribution* of its samples: the Frechet distance between
 the samples and the teacher's samples from the same noise and codes, in (pooled) pixel space, which a blurred set of
 samples pays for through its covariance. The search is a coordinate descent on log sigma that starts from the
-formula (Karras) schedule and accepts only improvements, so a fitted schedule never scores worse than the formula.
+formula (Karras) schedule (or from the schedule fitted for one NFE less, refined by one point, when that is better)
+and accepts only improvements, so a fitted schedule never scores worse than the formula.
 """
 
 import math
@@ -170,6 +171,13 @@ def _coordinate_descent(distance, sigmas: list[float], log_steps: Sequence[float
     return sigmas, best
 
 
+def _insert_point(sigmas: list[float]) -> list[float]:
+    """`sigmas` with one more point, the geometric mean of the two neighbours furthest apart in log sigma."""
+    gaps = [math.log(high / low) for high, low in zip(sigmas, sigmas[1:])]
+    index = gaps.index(max(gaps))
+    return sigmas[: index + 1] + [math.sqrt(sigmas[index] * sigmas[index + 1])] + sigmas[index + 1 :]
+
+
 @torch.no_grad()
 def fit_schedules(
     pipeline,
@@ -184,9 +192,12 @@ def fit_schedules(
     Fit the sigma schedule of the pipeline's [`IPNDMScheduler`] to its trained model, for each NFE in
     `num_inference_steps` (see the module docstring for the method and why).
 
-    For each NFE, the search starts from the formula (Karras) schedule and moves one sigma at a time by a factor
-    `exp(+-log_step)`, keeping a move when [`ScheduleDistance`] (the Frechet distance between the sampler's images
-    and a converged teacher's) drops. Everything is deterministic given `generator`.
+    For each NFE, the search starts from the formula (Karras) schedule, or from the schedule fitted for one model call
+    less with one point inserted where it is sparsest (in log sigma) when that one is closer to the teacher, and moves
+    one sigma at a time by a factor `exp(+-log_step)`, keeping a move when [`ScheduleDistance`] (the Frechet distance
+    between the sampler's images and a converged teacher's) drops. So a fitted schedule is never further from the
+    teacher than the formula, and an NFE fitted together with the one below it starts from what that one reached.
+    Everything is deterministic given `generator`.
 
     Args:
         pipeline ([`QACPipeline`]): A trained pipeline whose scheduler is an [`IPNDMScheduler`].
@@ -205,8 +216,13 @@ def fit_schedules(
     fitted, formula_distances, fitted_distances = [], {}, {}
     bar = tqdm(sorted(num_inference_steps), desc="Fitting schedules", disable=not progress_bar)
     for nfe in bar:
-        start = distance.formula_sigmas(nfe)
-        formula_distances[nfe] = distance(start)
+        formula = distance.formula_sigmas(nfe)
+        formula_distances[nfe] = distance(formula)
+        start = formula
+        if nfe - 1 in fitted_distances:  # also try the schedule fitted one step below, refined by one point
+            refined = _insert_point(fitted[-1])
+            if distance(refined) < formula_distances[nfe]:
+                start = refined
         sigmas, fitted_distances[nfe] = _coordinate_descent(distance, start, log_steps)
         fitted.append(sigmas)
         bar.set_postfix(nfe=nfe, formula=f"{formula_distances[nfe]:.3g}", fitted=f"{fitted_distances[nfe]:.3g}")

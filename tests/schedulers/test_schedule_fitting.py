@@ -1,7 +1,9 @@
 """Fitted sampling schedules: the search, the scheduler config that carries them, and the pipeline that uses them."""
 
+import importlib.util
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from qac_diffusers.schedulers import solver_from_config
 from qac_diffusers.schedulers.schedule_fitting import (
     ScheduleDistance,
     _coordinate_descent,
+    _insert_point,
     fit_schedules,
     pixel_features,
 )
@@ -53,6 +56,11 @@ def test_descent_keeps_the_schedule_ordered():
     # The optimum of this distance is out of order (the second point above the first): the descent must stop short.
     found, _ = _coordinate_descent(lambda s: (s[1] - 0.5) ** 2 + (s[2] - 5.0) ** 2, [80.0, 10.0, 1.0, 0.002], (0.5,))
     assert found[0] > found[1] > found[2] > found[3]
+
+
+def test_insert_point_splits_the_widest_gap_in_log_sigma():
+    assert _insert_point([80.0, 10.0, 1.0, 0.002]) == pytest.approx([80.0, 10.0, 1.0, math.sqrt(0.002), 0.002])
+    assert _insert_point([80.0, 0.5, 0.1, 0.002]) == pytest.approx([80.0, math.sqrt(40.0), 0.5, 0.1, 0.002])
 
 
 def test_fit_is_deterministic_and_never_worse_than_the_formula(fitted):
@@ -170,3 +178,26 @@ def test_pixel_features_pool_large_images_to_at_most_1024_values():
     features = pixel_features(images)
     assert features.shape == (2, 768) and features.dtype == torch.float64
     assert features[0, 0] == images[0, 0, :2, :2].mean()
+
+
+def load_script(name: str):
+    path = Path(__file__).resolve().parents[2] / "pipelines" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fit_schedule_script_writes_the_model_folders_scheduler(fitted, tmp_path, capsys):
+    pipe, output, _ = fitted
+    pipe.save_pretrained(tmp_path / "model")
+    script = load_script("fit_schedule")
+    script.main(["--model", str(tmp_path / "model"), "--nfe", "2", "1", "--num_samples", "6", "--teacher_steps", "3",
+                 "--device", "cpu"])
+    loaded = QACPipeline.from_pretrained(tmp_path / "model")
+    assert loaded.scheduler.config.fitted_sigmas == output.scheduler.config.fitted_sigmas  # same seed, same fit
+    printed = capsys.readouterr().out
+    assert "UNet calls" in printed and f"{output.fitted_distances[2]:<10.4g}" in printed
+
+    with pytest.raises(SystemExit, match="pass --output_dir"):
+        script.main(["--model", "user/not-a-folder"])

@@ -1,0 +1,61 @@
+"""Fit the sampling schedule of a trained QAC (or baseline) model to the model, for a set of NFE.
+
+    python pipelines/fit_schedule.py --model PATH --nfe 3 4 5 6 7 8 9 10
+
+The search (qac_diffusers/schedulers/schedule_fitting.py) runs the model's own iPNDM sampler on candidate schedules
+and keeps the one whose images are closest, as a distribution, to those of a converged teacher. The fitted schedules
+are written into the model folder's scheduler config (or into --output_dir, a copy of the whole pipeline), where
+QACPipeline uses them by default at the NFE they were fitted for and the Karras schedule at any other.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from qac_diffusers import QACPipeline
+from qac_diffusers.schedulers.schedule_fitting import fit_schedules
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="A folder written by train_qac.py or a Hub repo id.")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[3, 4, 5, 6, 7, 8, 9, 10])
+    parser.add_argument("--num_samples", type=int, default=256, help="Noise draws the candidates are compared on.")
+    parser.add_argument("--teacher_steps", type=int, default=64, help="Model calls of the converged teacher.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--output_dir", help="Save the pipeline with the fitted schedules here; required for a Hub repo id. By "
+        "default the model folder's scheduler config is rewritten."
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.output_dir is None and not Path(args.model).is_dir():
+        raise SystemExit(f"{args.model!r} is not a local folder: pass --output_dir to save the fitted pipeline.")
+    pipe = QACPipeline.from_pretrained(args.model).to(args.device)
+    started = time.perf_counter()
+    fit = fit_schedules(
+        pipe, args.nfe, num_samples=args.num_samples, teacher_steps=args.teacher_steps,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    seconds = time.perf_counter() - started
+    pipe.scheduler = fit.scheduler
+    if args.output_dir is None:
+        pipe.scheduler.save_pretrained(Path(args.model) / "scheduler")
+    else:
+        pipe.save_pretrained(args.output_dir)
+    print(f"Fitted in {seconds:.1f} s ({fit.num_model_calls} UNet calls on {args.num_samples} images each).")
+    print("NFE  distance to the teacher: Karras -> fitted   schedule")
+    for nfe, sigmas in zip(sorted(args.nfe), fit.scheduler.config.fitted_sigmas):
+        schedule = " ".join(f"{sigma:.3g}" for sigma in sigmas)
+        print(f"{nfe:3d}  {fit.formula_distances[nfe]:10.4g} -> {fit.fitted_distances[nfe]:<10.4g}  {schedule}")
+    print(f"Saved to {args.output_dir or Path(args.model) / 'scheduler'}")
+
+
+if __name__ == "__main__":
+    main()
