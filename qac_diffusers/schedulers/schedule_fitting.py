@@ -30,6 +30,8 @@ from ..models.fingerprint import model_fingerprint
 from .scheduling_ipndm import IPNDMScheduler
 
 
+# The NFE `fit_schedules` fits by default (train_qac.py too): the few-step range, where the formula has its holes.
+DEFAULT_FIT_NFE = (3, 4, 5, 6, 7, 8, 9, 10)
 # Pixel features are average-pooled to at most this many dimensions, so that a covariance stays cheap to compare.
 MAX_FEATURE_DIM = 1024
 
@@ -181,7 +183,7 @@ def _insert_point(sigmas: list[float]) -> list[float]:
 @torch.no_grad()
 def fit_schedules(
     pipeline,
-    num_inference_steps: Sequence[int] = (3, 4, 5, 6, 7, 8, 9, 10),
+    num_inference_steps: Sequence[int] = DEFAULT_FIT_NFE,
     num_samples: int = 256,
     teacher_steps: int = 64,
     generator: torch.Generator | None = None,

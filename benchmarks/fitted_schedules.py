@@ -1,0 +1,233 @@
+"""Fitted sampling schedules against the Karras schedule on the digits few-step benchmark (README "Fitted schedules").
+
+For every model of benchmarks/few_step_quality.py (QAC and the baseline, 3 seeds; trained if missing), fit its iPNDM
+schedule with `fit_schedules` and the defaults train_qac.py uses (NFE 3..10), then measure the Frechet distance (FD)
+of 2000 samples to the held-out split, in the digits-classifier features, for: iPNDM on the fitted schedules, and
+today's three solvers on the Karras schedule (fixed-weight iPNDM, variable-step iPNDM, DPM++2M). Also measured:
+the FD's own sampling noise (the fitted sampler resampled with other seeds), whether the fitted FD rises from one NFE
+to the next by more than that noise, the baseline with the Karras schedule at 5x the NFE (the moonshot), and the
+seconds each fit took next to the model's training time.
+
+    python benchmarks/fitted_schedules.py --work_dir benchmarks/work     # reuses few_step_quality.py's models
+
+Writes benchmarks/results/fitted_schedules_digits.{md,json,png}. Resumable: each fit is saved beside its model
+(fitted_scheduler/) and each FD in the model's benchmark_measurements.json, under the keys few_step_quality.py uses.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+
+matplotlib.use("Agg")
+import few_step_quality as few_step  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from qac_diffusers import IPNDMScheduler, QACPipeline  # noqa: E402
+from qac_diffusers.metrics import extract_features, frechet_distance, train_feature_classifier  # noqa: E402
+from qac_diffusers.schedulers import solver_from_config  # noqa: E402
+from qac_diffusers.schedulers.schedule_fitting import fit_schedules  # noqa: E402
+
+
+KARRAS_SOLVERS = ["ipndm", "ipndm_variable", "dpmsolver2"]
+FITTED = "ipndm_fitted"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--nfe", type=int, nargs="+", default=list(range(3, 11)))
+    parser.add_argument("--moonshot_factor", type=int, default=5, help="Baseline on Karras at this times the NFE.")
+    parser.add_argument("--resample_seeds", type=int, default=2, help="Extra sampling seeds for the FD's own noise.")
+    parser.add_argument("--num_samples", type=int, default=2000)
+    parser.add_argument("--work_dir", default=str(few_step.REPO_ROOT / "benchmarks" / "work"))
+    parser.add_argument("--results_dir", default=str(few_step.REPO_ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    # The settings of few_step_quality.py's digits models, which this benchmark reuses.
+    defaults = {"dataset": "digits", "preset": "tiny", "resolution": None, "models": ["baseline", "qac"],
+                "max_train_steps": 2500, "train_batch_size": 128, "holdout_fraction": 0.3}
+    return argparse.Namespace(**defaults, **vars(args))
+
+
+def fitted_scheduler(model_dir: Path, pipe: QACPipeline, seed: int) -> IPNDMScheduler:
+    """The model's fitted scheduler: fitted once with the library defaults and kept in model_dir/fitted_scheduler."""
+    folder = model_dir / "fitted_scheduler"
+    if not (folder / "scheduler_config.json").is_file():
+        started = time.perf_counter()
+        fit = fit_schedules(pipe, generator=torch.Generator().manual_seed(seed))
+        seconds = time.perf_counter() - started
+        fit.scheduler.save_pretrained(folder)
+        facts = {"seconds": seconds, "num_model_calls": fit.num_model_calls,
+                 "formula_distances": fit.formula_distances, "fitted_distances": fit.fitted_distances}
+        (folder / "fit_facts.json").write_text(json.dumps(facts, indent=1))
+    return IPNDMScheduler.from_pretrained(folder)
+
+
+def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features) -> dict:
+    """FD[solver][nfe] of one model, its fitted FD resampled with other seeds, and its fit facts."""
+    pipe = QACPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    karras_config = pipe.scheduler.config
+    fitted = fitted_scheduler(model_dir, pipe, seed)
+    measure = few_step.sample_frechet_distance
+    results = {"fd": {}, "resampled": {}}
+    for solver in [*KARRAS_SOLVERS, FITTED]:
+        pipe.scheduler = fitted if solver == FITTED else solver_from_config(solver, karras_config)
+        for nfe in args.nfe:
+            key = f"frechet_distance {solver} nfe {nfe} {args.num_samples} samples"
+            distance = few_step.cached(
+                model_dir, key, measure, pipe, args.num_samples, nfe, seed, classifier, heldout_features
+            )
+            results["fd"].setdefault(solver, {})[nfe] = distance
+            print(f"seed {seed} {model_dir.name:16s} {solver:15s} NFE {nfe:3d}: FD {distance:8.2f}", flush=True)
+    pipe.scheduler = fitted
+    for nfe in args.nfe:
+        for draw in range(1, args.resample_seeds + 1):
+            key = f"frechet_distance {FITTED} nfe {nfe} {args.num_samples} samples draw {draw}"
+            distance = few_step.cached(
+                model_dir, key, measure, pipe, args.num_samples, nfe, 100 * draw + seed, classifier, heldout_features
+            )
+            results["resampled"].setdefault(nfe, []).append(distance)
+    results["fit"] = json.loads((model_dir / "fitted_scheduler" / "fit_facts.json").read_text())
+    results["training_seconds"] = float((model_dir / "benchmark_training_seconds.txt").read_text())
+    results["fitted_sigmas"] = fitted.config.fitted_sigmas
+    return results
+
+
+def moonshot(args, model_dir: Path, seed: int, classifier, heldout_features) -> dict:
+    """The baseline's FD with iPNDM on the Karras schedule at `moonshot_factor` times each NFE."""
+    pipe = QACPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    distances = {}
+    for nfe in args.nfe:
+        many = args.moonshot_factor * nfe
+        key = f"frechet_distance ipndm nfe {many} {args.num_samples} samples"
+        distances[nfe] = few_step.cached(
+            model_dir, key, few_step.sample_frechet_distance, pipe, args.num_samples, many, seed, classifier,
+            heldout_features,
+        )
+    return distances
+
+
+def sampling_noise(model_results: list[dict], nfes: list[int]) -> float:
+    """The FD's sampling noise of the fitted sampler: the pooled std over sampling seeds, over models and NFE."""
+    variances = [
+        np.var([result["fd"][FITTED][nfe], *result["resampled"][nfe]], ddof=1)
+        for result in model_results
+        for nfe in nfes
+    ]
+    return float(np.sqrt(np.mean(variances)))
+
+
+def rises(result: dict, nfes: list[int]) -> list[tuple[int, float]]:
+    """(NFE, rise) for each step up in NFE where the fitted FD rises."""
+    fd = result["fd"][FITTED]
+    return [(low, fd[high] - fd[low]) for low, high in zip(nfes, nfes[1:]) if fd[high] > fd[low]]
+
+
+def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> str:
+    mean_std = few_step.mean_std
+    lines = [
+        "# Fitted schedules on digits: iPNDM on schedules fitted to each model vs today's solvers on Karras",
+        "",
+        "Command: `PYTHONPATH=. python benchmarks/fitted_schedules.py` (see the header of the script for what it "
+        "measures).",
+        "",
+        f"Models: benchmarks/few_step_quality.py's (preset tiny, 2500 steps at batch 128, seeds {args.seeds}). FD of "
+        f"{args.num_samples} samples to the held-out split in the digits-classifier features (held-out accuracy "
+        f"{accuracy:.3f}), mean ± std over seeds; real training split vs held-out: {floor:.2f}. Fits: "
+        "`fit_schedules` with its defaults (256 noise draws, 64-call teacher, log steps 0.5/0.25/0.125).",
+        "",
+    ]
+    for model in args.models:
+        runs = results[model]
+        lines += [f"## {model}", "", "| NFE | " + " | ".join([*KARRAS_SOLVERS, FITTED]) + " | best Karras | fitted "
+                  "≤ best? |", "|---" * (len(KARRAS_SOLVERS) + 4) + "|"]
+        for nfe in args.nfe:
+            cells = {solver: [run["fd"][solver][nfe] for run in runs] for solver in [*KARRAS_SOLVERS, FITTED]}
+            best = min(KARRAS_SOLVERS, key=lambda solver: np.mean(cells[solver]))
+            verdict = "yes" if np.mean(cells[FITTED]) <= np.mean(cells[best]) else "**no**"
+            row = [mean_std(cells[solver]) for solver in [*KARRAS_SOLVERS, FITTED]]
+            lines.append(f"| {nfe} | " + " | ".join(row) + f" | {best} | {verdict} |")
+        noise = sampling_noise(runs, args.nfe)
+        lines += ["", f"Sampling noise of the fitted FD (pooled std over {args.resample_seeds + 1} sampling seeds): "
+                      f"{noise:.2f}."]
+        for seed, run in zip(args.seeds, runs):
+            found = rises(run, args.nfe)
+            text = ", ".join(f"NFE {low}->{low + 1}: +{rise:.2f}" for low, rise in found) or "none"
+            beyond = [rise for _, rise in found if rise > 2 * noise]
+            lines.append(f"- seed {seed}: FD rises with NFE: {text}; beyond 2x the noise: {len(beyond)}.")
+        lines.append("")
+    lines += ["## Moonshot: QAC fitted at NFE N vs the baseline (fixed iPNDM, Karras) at "
+              f"{args.moonshot_factor}N", "", "| N | QAC fitted | baseline Karras at 5N |", "|---|---|---|"]
+    for nfe in args.nfe:
+        qac = [run["fd"][FITTED][nfe] for run in results["qac"]]
+        lines.append(f"| {nfe} | {mean_std(qac)} | {mean_std([m[nfe] for m in moon])} |")
+    lines += ["", "## Cost of fitting (2-core CPU, shared machine)", "",
+              "| model | fit seconds | UNet calls (batch 256) | training seconds | ratio |", "|---|---|---|---|---|"]
+    for model in args.models:
+        for seed, run in zip(args.seeds, results[model]):
+            ratio = run["fit"]["seconds"] / run["training_seconds"]
+            lines.append(f"| {model}-seed{seed} | {run['fit']['seconds']:.0f} | {run['fit']['num_model_calls']} | "
+                         f"{run['training_seconds']:.0f} | {ratio:.2f} |")
+    lines += ["", "Fitted schedules of seed 0 (sigma from sigma_max to sigma_min, the first step analytical):", ""]
+    for model in args.models:
+        for nfe, sigmas in zip(args.nfe, results[model][0]["fitted_sigmas"]):
+            lines.append(f"- {model} NFE {nfe}: " + ", ".join(f"{sigma:.3g}" for sigma in sigmas))
+    return "\n".join(lines) + "\n"
+
+
+def plot(args, results: dict, moon: dict, floor: float, path: Path) -> None:
+    figure, axes = plt.subplots(1, len(args.models), figsize=(6 * len(args.models), 4.2), sharey=True)
+    for axis, model in zip(np.atleast_1d(axes), args.models):
+        for solver in [*KARRAS_SOLVERS, FITTED]:
+            values = np.array([[run["fd"][solver][nfe] for nfe in args.nfe] for run in results[model]])
+            style = {"linewidth": 2.5, "color": "black"} if solver == FITTED else {}
+            axis.errorbar(args.nfe, values.mean(0), yerr=values.std(0), label=solver, capsize=3, **style)
+        if model == "baseline":
+            values = np.array([[m[nfe] for nfe in args.nfe] for m in moon])
+            axis.plot(args.nfe, values.mean(0), ":", label=f"ipndm at {args.moonshot_factor}x NFE")
+        axis.axhline(floor, color="gray", linestyle="--", label="real vs held-out")
+        axis.set(title=model, xlabel="NFE (UNet calls)", yscale="log")
+        axis.legend(fontsize=8)
+    np.atleast_1d(axes)[0].set_ylabel("FD (digits classifier), lower is better")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    work_dir, results_dir = Path(args.work_dir), Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    train_split, heldout_split, data_folder = few_step.split_dataset(args, work_dir)
+    few_step.train_models(args, data_folder, work_dir)
+    train_images, train_labels = few_step.to_tensor(train_split, 8)
+    heldout_images, heldout_labels = few_step.to_tensor(heldout_split, 8)
+    classifier = train_feature_classifier(train_images, train_labels, seed=0)
+    accuracy = classifier.accuracy(heldout_images, heldout_labels)
+    heldout_features = extract_features(classifier, heldout_images)
+    floor = frechet_distance(extract_features(classifier, train_images), heldout_features)
+
+    results, moon = {}, []
+    for seed in args.seeds:
+        for model in args.models:
+            model_dir = work_dir / f"{model}-seed{seed}"
+            results.setdefault(model, []).append(measure_model(args, model_dir, seed, classifier, heldout_features))
+        moon.append(moonshot(args, work_dir / f"baseline-seed{seed}", seed, classifier, heldout_features))
+
+    stem = results_dir / "fitted_schedules_digits"
+    report = markdown(args, results, moon, floor, accuracy) + f"\n![FD against NFE]({stem.name}.png)\n"
+    stem.with_suffix(".md").write_text(report)
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"args": vars(args), "results": results, "moonshot_baseline": moon, "real_vs_heldout": floor}, indent=1))
+    plot(args, results, moon, floor, stem.with_suffix(".png"))
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
