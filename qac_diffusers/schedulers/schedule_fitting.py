@@ -32,6 +32,7 @@ from .scheduling_ipndm import IPNDMScheduler
 
 # The NFE `fit_schedules` fits by default (train_qac.py too): the few-step range, where the formula has its holes.
 DEFAULT_FIT_NFE = (3, 4, 5, 6, 7, 8, 9, 10)
+DEFAULT_TEACHER_STEPS = 64
 # Pixel features are average-pooled to at most this many dimensions, so that a covariance stays cheap to compare.
 MAX_FEATURE_DIM = 1024
 
@@ -129,24 +130,29 @@ class ScheduleDistance:
         return images * 2 - 1
 
 
+def check_fit_nfe(num_inference_steps: Sequence[int], teacher_steps: int = DEFAULT_TEACHER_STEPS) -> None:
+    """Refuse NFE that [`fit_schedules`] cannot fit: not a non-empty list of distinct integers < `teacher_steps`."""
+    steps = list(num_inference_steps)
+    if not steps or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in steps):
+        raise ValueError(f"The NFE to fit must be a non-empty list of integers >= 1, got {steps!r}.")
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"The NFE to fit list one twice: {steps}.")
+    if teacher_steps <= max(steps):
+        raise ValueError(
+            f"The teacher's {teacher_steps} model calls must exceed the largest NFE fitted ({max(steps)}): the "
+            "teacher is the converged sampler the fitted ones are compared to."
+        )
+
+
 def _check_fit_inputs(pipeline, num_inference_steps: Sequence[int], num_samples: int, teacher_steps: int) -> None:
     if not isinstance(pipeline.scheduler, IPNDMScheduler):
         raise ValueError(
             f"Schedules are fitted for the IPNDMScheduler, got {type(pipeline.scheduler).__name__}: set "
             "`pipe.scheduler = solver_from_config('ipndm', pipe.scheduler.config)` first."
         )
-    steps = list(num_inference_steps)
-    if not steps or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in steps):
-        raise ValueError(f"`num_inference_steps` must be a non-empty list of integers >= 1, got {steps!r}.")
-    if len(set(steps)) != len(steps):
-        raise ValueError(f"`num_inference_steps` lists an NFE twice: {steps}.")
+    check_fit_nfe(num_inference_steps, teacher_steps)
     if not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"`num_samples` must be an integer >= 2 (a covariance needs two), got {num_samples!r}.")
-    if teacher_steps <= max(steps):
-        raise ValueError(
-            f"`teacher_steps` ({teacher_steps}) must exceed the largest NFE fitted ({max(steps)}): the teacher is the "
-            "converged sampler the fitted ones are compared to."
-        )
 
 
 def _coordinate_descent(distance, sigmas: list[float], log_steps: Sequence[float]) -> tuple[list[float], float]:
@@ -185,7 +191,7 @@ def fit_schedules(
     pipeline,
     num_inference_steps: Sequence[int] = DEFAULT_FIT_NFE,
     num_samples: int = 256,
-    teacher_steps: int = 64,
+    teacher_steps: int = DEFAULT_TEACHER_STEPS,
     generator: torch.Generator | None = None,
     log_steps: Sequence[float] = (0.5, 0.25, 0.125),
     progress_bar: bool = True,

@@ -154,7 +154,7 @@ def test_scheduler_refuses_bad_fitted_schedules(fitted_sigmas, message):
     [
         ({"num_inference_steps": []}, "non-empty list of integers >= 1"),
         ({"num_inference_steps": [0, 3]}, "non-empty list of integers >= 1"),
-        ({"num_inference_steps": [3, 3]}, "lists an NFE twice"),
+        ({"num_inference_steps": [3, 3]}, "list one twice"),
         ({"num_inference_steps": [5], "teacher_steps": 5}, "must exceed the largest NFE fitted"),
         ({"num_inference_steps": [3], "num_samples": 1}, "an integer >= 2"),
     ],
