@@ -155,7 +155,7 @@ def _check_fit_inputs(pipeline, num_inference_steps: Sequence[int], num_samples:
         raise ValueError(f"`num_samples` must be an integer >= 2 (a covariance needs two), got {num_samples!r}.")
 
 
-def _coordinate_descent(distance, sigmas: list[float], log_steps: Sequence[float]) -> tuple[list[float], float]:
+def coordinate_descent(distance, sigmas: list[float], log_steps: Sequence[float]) -> tuple[list[float], float]:
     """
     Minimise `distance(sigmas)` over the interior points: sweep them in order, moving each by a factor exp(+step) or,
     if that does not improve, exp(-step) in sigma, keeping the schedule strictly decreasing; sweep again while a move
@@ -231,7 +231,7 @@ def fit_schedules(
             refined = _insert_point(fitted[-1])
             if distance(refined) < formula_distances[nfe]:
                 start = refined
-        sigmas, fitted_distances[nfe] = _coordinate_descent(distance, start, log_steps)
+        sigmas, fitted_distances[nfe] = coordinate_descent(distance, start, log_steps)
         fitted.append(sigmas)
         bar.set_postfix(nfe=nfe, formula=f"{formula_distances[nfe]:.3g}", fitted=f"{fitted_distances[nfe]:.3g}")
     scheduler = IPNDMScheduler.from_config(

@@ -14,7 +14,7 @@ from qac_diffusers.models.fingerprint import model_fingerprint
 from qac_diffusers.schedulers import solver_from_config
 from qac_diffusers.schedulers.schedule_fitting import (
     ScheduleDistance,
-    _coordinate_descent,
+    coordinate_descent,
     _insert_point,
     fit_schedules,
     pixel_features,
@@ -45,7 +45,7 @@ def test_descent_finds_the_brute_force_minimum_of_its_lattice():
     def distance(sigmas):
         return sum((math.log(s) - math.log(t)) ** 2 for s, t in zip(sigmas[1:-1], target[1:-1]))
 
-    found, best = _coordinate_descent(distance, start, (0.5, 0.25, 0.125))
+    found, best = coordinate_descent(distance, start, (0.5, 0.25, 0.125))
     lattice = [[start[i] * math.exp(k / 8) for k in range(-60, 40)] for i in (1, 2)]
     candidates = [[80.0, a, b, 0.002] for a, b in itertools.product(*lattice) if 80.0 > a > b > 0.002]
     brute_force = min(candidates, key=distance)
@@ -54,7 +54,7 @@ def test_descent_finds_the_brute_force_minimum_of_its_lattice():
 
 def test_descent_keeps_the_schedule_ordered():
     # The optimum of this distance is out of order (the second point above the first): the descent must stop short.
-    found, _ = _coordinate_descent(lambda s: (s[1] - 0.5) ** 2 + (s[2] - 5.0) ** 2, [80.0, 10.0, 1.0, 0.002], (0.5,))
+    found, _ = coordinate_descent(lambda s: (s[1] - 0.5) ** 2 + (s[2] - 5.0) ** 2, [80.0, 10.0, 1.0, 0.002], (0.5,))
     assert found[0] > found[1] > found[2] > found[3]
 
 
