@@ -15,6 +15,7 @@ from diffusers import DiffusionPipeline
 
 from conftest import make_tiny_pipeline, seeded
 from qac_diffusers import FSQConditionEncoder, IPNDMScheduler, QACImageEditPipeline, QACPipeline, QACUNet2DModel
+from qac_diffusers.models.fingerprint import model_fingerprint
 from qac_diffusers.pipelines.qac import pipeline_qac
 from qac_diffusers.pipelines.qac.remote_code import shipped_source
 from qac_diffusers.training.code_usage import code_usage
@@ -96,9 +97,16 @@ json.dump({"kinds": kinds, "qac_modules": sorted(m for m in sys.modules if m.sta
 '''
 
 
+# A schedule "fitted" at NFE 4, the NFE the routes are compared at: both must find it in the config and sample on it,
+# and both must accept it as fitted to this model (its fingerprint computed by the package and by the shipped code).
+FITTED_AT_NFE_4 = [80.0, 20.0, 3.0, 0.8, 0.1, 0.002]
+
+
 @pytest.fixture
 def saved(tmp_path) -> tuple[QACPipeline, Path]:
     pipe = make_tiny_pipeline()
+    fingerprint = model_fingerprint(pipe.unet, pipe.encoder)
+    pipe.scheduler = IPNDMScheduler(fitted_sigmas=[FITTED_AT_NFE_4], fitted_model_fingerprint=fingerprint)
     pipe.save_pretrained(tmp_path / "model")
     return pipe, tmp_path / "model"
 
@@ -151,6 +159,8 @@ def test_the_package_loads_new_folders_with_its_own_classes(saved):
         IPNDMScheduler,
     )
     assert all(np.array_equal(a, b) for a, b in zip(sample(loaded), sample(pipe)))
+    loaded.scheduler.set_timesteps(4)  # `sample` ran on the fitted schedule
+    assert loaded.scheduler.sigmas.tolist() == pytest.approx(FITTED_AT_NFE_4, rel=1e-6)
     assert type(QACImageEditPipeline.from_pretrained(folder)) is QACImageEditPipeline
 
 

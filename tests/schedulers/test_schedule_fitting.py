@@ -14,8 +14,8 @@ from qac_diffusers.models.fingerprint import model_fingerprint
 from qac_diffusers.schedulers import solver_from_config
 from qac_diffusers.schedulers.schedule_fitting import (
     ScheduleDistance,
-    coordinate_descent,
     _insert_point,
+    coordinate_descent,
     fit_schedules,
     pixel_features,
 )
@@ -201,3 +201,13 @@ def test_fit_schedule_script_writes_the_model_folders_scheduler(fitted, tmp_path
 
     with pytest.raises(SystemExit, match="pass --output_dir"):
         script.main(["--model", "user/not-a-folder"])
+
+
+def test_fit_works_for_the_unconditional_baseline():
+    pipe = make_tiny_pipeline(code_dim=0)
+    output = fit_schedules(pipe, [2], **FIT_SETTINGS, generator=seeded(0), progress_bar=False)
+    assert output.fitted_distances[2] <= output.formula_distances[2]
+    assert output.scheduler.config.fitted_model_fingerprint == model_fingerprint(pipe.unet)
+    baseline = QACPipeline(unet=pipe.unet, scheduler=output.scheduler, encoder=None)
+    baseline.scheduler.set_timesteps(2)
+    assert baseline.scheduler.sigmas.tolist() == pytest.approx(output.scheduler.config.fitted_sigmas[0], rel=1e-6)
