@@ -9,7 +9,8 @@ split (Inception features mean little for 8x8 or 28x28 images).
     python benchmarks/few_step_quality.py --dataset animal-mnist --preset small --resolution 28 --max_train_steps 20000
 
 Writes benchmarks/results/few_step_quality_<dataset>.{md,json} and plots; trained models go to --work_dir. A rerun
-resumes: trained models are reused, and so is every Frechet distance and straightness measurement already written
+resumes: trained models are reused (one killed in training continues from its last checkpoint, see
+--checkpointing_steps), and so is every Frechet distance and straightness measurement already written
 beside its model (`benchmark_measurements.json`); delete --work_dir to measure changed code again.
 """
 
@@ -38,6 +39,7 @@ from qac_diffusers.metrics.trajectory import (  # noqa: E402
 )
 from qac_diffusers.schedulers import SOLVERS, solver_from_config  # noqa: E402
 from qac_diffusers.training import ImageTransform, load_image_dataset  # noqa: E402
+from qac_diffusers.training.checkpoints import list_checkpoints  # noqa: E402
 from qac_diffusers.training.code_usage import code_usage  # noqa: E402
 from qac_diffusers.utils import image_grid  # noqa: E402
 
@@ -45,10 +47,14 @@ from qac_diffusers.utils import image_grid  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The models compared, each a train_qac.py run with these extra flags.
 MODEL_FLAGS = {"baseline": ["--no_condition"], "qac": [], "qac_identity": ["--straight_through", "identity"]}
+# Samplers beyond the solvers of `SOLVERS`, by name: (model folder, pipeline, seed) -> scheduler. A benchmark built on
+# this one adds an entry before `build_parser` (e.g. schedules fitted to each model) and names it in --solvers.
+EXTRA_SAMPLERS = {}
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """The options of this benchmark; benchmarks built on it add their own and change defaults."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digits", help="A built-in data set: digits or animal-mnist.")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--resolution", type=int)
@@ -58,18 +64,25 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--results_name", help="Defaults to few_step_quality_<dataset>.")
     parser.add_argument("--max_train_steps", type=int, default=2500)
     parser.add_argument("--train_batch_size", type=int, default=128)
+    parser.add_argument("--checkpointing_steps", type=int,
+                        help="Checkpoint every N steps, so that a killed run resumes there; default: at the end.")
     parser.add_argument("--holdout_fraction", type=float, default=0.3)
     parser.add_argument("--nfe", type=int, nargs="+", default=[3, 4, 5, 6, 10])
     parser.add_argument("--reference_nfe", type=int, default=50, help="The many-step reference (iPNDM).")
     parser.add_argument(
-        "--solvers", nargs="+", choices=sorted(SOLVERS), default=["dpmsolver2", "ipndm", "ipndm_variable"]
+        "--solvers", nargs="+", choices=sorted([*SOLVERS, *EXTRA_SAMPLERS]),
+        default=["dpmsolver2", "ipndm", "ipndm_variable"],
     )
     parser.add_argument("--num_samples", type=int, default=2000)
     parser.add_argument("--curvature_samples", type=int, default=500)
     parser.add_argument("--curvature_steps", type=int, default=64, help="Euler steps of the curvature trajectories.")
     parser.add_argument("--work_dir", default=str(REPO_ROOT / "benchmarks" / "work"))
     parser.add_argument("--results_dir", default=str(REPO_ROOT / "benchmarks" / "results"))
-    return parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 def split_dataset(args: argparse.Namespace, work_dir: Path):
@@ -77,10 +90,12 @@ def split_dataset(args: argparse.Namespace, work_dir: Path):
     dataset = load_image_dataset(args.dataset)
     split = dataset.train_test_split(test_size=args.holdout_fraction, seed=0, stratify_by_column="label")
     folder = work_dir / f"{args.dataset}-train"
-    if not folder.is_dir():
-        folder.mkdir(parents=True)
+    if not folder.is_dir():  # written beside and renamed: a run killed while writing leaves no partial folder
+        partial = work_dir / f"{args.dataset}-train.partial"
+        partial.mkdir(parents=True, exist_ok=True)
         for row in split["train"]:
-            row["image"].save(folder / f"{row['example_index']:05d}.png")
+            row["image"].save(partial / f"{row['example_index']:05d}.png")
+        partial.rename(folder)
     return split["train"], split["test"], folder
 
 
@@ -112,9 +127,11 @@ def train_models(args: argparse.Namespace, data_folder: Path, work_dir: Path) ->
                     "--output_dir", str(output_dir), "--seed", str(seed), "--preset", args.preset,
                     "--max_train_steps", str(args.max_train_steps), "--train_batch_size", str(args.train_batch_size),
                     "--report_to", "none", "--validation_steps", str(args.max_train_steps),
-                    "--checkpointing_steps", str(args.max_train_steps),
+                    "--checkpointing_steps", str(args.checkpointing_steps or args.max_train_steps),
+                    "--checkpoints_total_limit", "1",
                 ]
                 command += ["--resolution", str(args.resolution)] if args.resolution else []
+                command += resume_flags(output_dir)
                 command += MODEL_FLAGS[model]
                 print(f"Training {output_dir.name} ...", flush=True)
                 started = time.perf_counter()
@@ -124,6 +141,20 @@ def train_models(args: argparse.Namespace, data_folder: Path, work_dir: Path) ->
             images_per_second = np.median([json.loads(line)["images_per_second"] for line in lines])
             timings[f"{model}-seed{seed}"] = {"images_per_second": float(images_per_second)}
     return timings
+
+
+def resume_flags(output_dir: Path) -> list[str]:
+    """Continue a run killed after a checkpoint; a run killed before its first one starts anew."""
+    if list_checkpoints(output_dir):
+        return ["--resume_from_checkpoint", "latest"]
+    return ["--overwrite_output_dir"] if output_dir.exists() else []
+
+
+def sampler(name: str, model_dir: Path, pipe: QACPipeline, seed: int, config):
+    """The scheduler `name` for the model in `model_dir`: one of `EXTRA_SAMPLERS`, else `solver_from_config`."""
+    if name in EXTRA_SAMPLERS:
+        return EXTRA_SAMPLERS[name](model_dir, pipe, seed)
+    return solver_from_config(name, config)
 
 
 @torch.no_grad()
@@ -157,7 +188,7 @@ def evaluate_models(args, work_dir: Path, classifier, heldout_features) -> tuple
                 usage[f"{model}-seed{seed}"] = code_usage(pipe.encoder.code_weights)
             default_config = pipe.scheduler.config
             for solver in args.solvers:
-                pipe.scheduler = solver_from_config(solver, default_config)
+                pipe.scheduler = sampler(solver, model_dir, pipe, seed, default_config)
                 for nfe in nfes if solver == "ipndm" else args.nfe:
                     key = f"frechet_distance {solver} nfe {nfe} {args.num_samples} samples"
                     distance = cached(
@@ -201,7 +232,7 @@ def markdown_report(args, distances: dict, floor: float, usage: dict, timings: d
     lines = [
         f"# Few-step quality on {args.dataset}: QAC vs the unconditional baseline",
         "",
-        f"Command: `{' '.join(['python benchmarks/few_step_quality.py', *sys.argv[1:]])}`",
+        f"Command: `{' '.join([f'python benchmarks/{Path(sys.argv[0]).name}', *sys.argv[1:]])}`",
         "",
         f"Both models: preset `{args.preset}`, {args.max_train_steps} steps at batch {args.train_batch_size}, seeds "
         f"{args.seeds}, trained on {1 - args.holdout_fraction:.0%} of the data. Frechet distance (FD, lower is "
