@@ -63,6 +63,29 @@ def test_insert_point_splits_the_widest_gap_in_log_sigma():
     assert _insert_point([80.0, 0.5, 0.1, 0.002]) == pytest.approx([80.0, math.sqrt(40.0), 0.5, 0.1, 0.002])
 
 
+def test_distance_runs_the_pipelines_sampler_also_when_resuming_a_shared_prefix():
+    pipe = make_tiny_pipeline()
+    distance = ScheduleDistance(pipe, **FIT_SETTINGS, generator=seeded(3))
+    # NFE 3 (with the analytical first step, calls at 20, 3 and 0.5 or 0.2): the last call's point differs
+    first, second = [80.0, 20.0, 3.0, 0.5, 0.002], [80.0, 20.0, 3.0, 0.2, 0.002]
+    runs = []
+    for sigmas in (first, second):
+        calls = distance.num_model_calls
+        scheduler = IPNDMScheduler(fitted_sigmas=[sigmas])
+        runs.append((distance.samples(scheduler, 3), distance.num_model_calls - calls))
+    assert [calls for _, calls in runs] == [3, 1]  # the second run reused the calls at 20 and 3
+
+    generator = seeded(3)
+    latents = torch.randn((6, 1, 8, 8), generator=generator)  # as ScheduleDistance draws them: noise, then codes
+    code_indices = pipe.encoder.sample_indices(6, generator)
+    for sigmas, (samples, _) in zip((first, second), runs):
+        pipeline = QACPipeline(unet=pipe.unet, scheduler=IPNDMScheduler(fitted_sigmas=[sigmas]), encoder=pipe.encoder)
+        pipeline.set_progress_bar_config(disable=True)
+        images = pipeline(batch_size=6, num_inference_steps=3, latents=latents, code_indices=code_indices,
+                          output_type="pt").images
+        assert torch.equal(samples, images * 2 - 1)
+
+
 def test_fit_is_deterministic_and_never_worse_than_the_formula(fitted):
     pipe, output, calls = fitted
     again = fit_schedules(make_tiny_pipeline(), FIT_NFES, **FIT_SETTINGS, generator=seeded(0), progress_bar=False)
