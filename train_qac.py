@@ -8,7 +8,9 @@
 Modelled on diffusers' examples/unconditional_image_generation/train_unconditional.py (flags, hooks, checkpoints,
 trackers) and NVlabs' EDM training loop (the loss, the EMA by half-life, the resolved config written as JSON).
 Every random draw of a step is a function of (seed, step), so a resumed run repeats the uninterrupted one exactly and
-a multi-process run sees the same global batches as a one-process run.
+a multi-process run sees the same global batches as a one-process run. The noise is drawn on the training device and
+values are read back from it only at logged steps (`--logging_steps`), so a GPU is not made to wait for the host at
+every step.
 """
 
 import argparse
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
-from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from accelerate.utils import DynamoBackend, GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -109,9 +111,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     train.add_argument("--allow_tf32", action="store_true")
 
+    speed = parser.add_argument_group(
+        "speed (GPU)",
+        "They change how a step runs, not what it computes (up to rounding). On CUDA the Adam optimizer always uses "
+        "its fused kernel (fused=True); elsewhere it stays torch's default, so CPU runs are unchanged.",
+    )
+    speed.add_argument(
+        "--channels_last", action="store_true",
+        help="Keep the UNet's and the encoder's convolution weights in channels-last memory format (faster "
+        "convolutions on recent GPUs). The saved weights are the same.",
+    )
+    speed.add_argument(
+        "--torch_compile", nargs="?", const="inductor", metavar="BACKEND",
+        help="Compile the UNet with torch.compile (the encoder and the EMA copies stay eager). BACKEND defaults to "
+        "inductor; aot_eager and eager check that a model compiles without generating code. The first step then "
+        "takes minutes. Launch with accelerate's --dynamo_backend no (train_qac.py compiles the UNet itself).",
+    )
+
     logs = parser.add_argument_group("logging, checkpoints, Hub")
     logs.add_argument("--report_to", default="tensorboard", help="An accelerate tracker, or 'none'.")
     logs.add_argument("--logging_dir", default="logs")
+    logs.add_argument(
+        "--logging_steps", type=int, default=1,
+        help="Log loss, learning rate, code statistics and images/s every N steps (and at every checkpoint and the "
+        "last step). Only then are values read from the device: on a GPU, N > 1 (e.g. 50) lets the host queue the "
+        "next steps instead of waiting for each one. images/s is then the mean over the N steps.",
+    )
     logs.add_argument("--validation_steps", type=int, default=500, help="Sample a grid every N steps.")
     logs.add_argument("--num_validation_images", type=int, default=64)
     logs.add_argument("--validation_nfe", type=int, default=6)
@@ -146,7 +171,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.no_condition and quantizer_flags:
         raise ValueError("--no_condition trains without codes: drop --code_dim, --code_levels and --straight_through.")
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "validation_steps",
-                 "checkpointing_steps", "num_validation_images", "validation_nfe"):
+                 "checkpointing_steps", "num_validation_images", "validation_nfe", "logging_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -155,6 +180,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--hub_token with --report_to=wandb would expose the token: use `hf auth login` instead.")
     if (args.hub_model_id or args.hub_token or args.hub_private_repo) and not args.push_to_hub:
         raise ValueError("--hub_model_id, --hub_token and --hub_private_repo need --push_to_hub.")
+    if args.torch_compile is not None:
+        check_compile_backend(args.torch_compile)
     if args.hub_token is not None:
         # Refusing would not help: the token is already in the process list, and under `accelerate launch` a
         # failing script makes accelerate print the whole command line, token included.
@@ -162,6 +189,27 @@ def check_args(args: argparse.Namespace) -> None:
             "--hub_token shows in process lists (ps) and, if the script fails under `accelerate launch`, in the "
             "command line that accelerate prints. Log in with `hf auth login` or set HF_TOKEN instead.",
             stacklevel=2,
+        )
+
+
+def check_compile_backend(backend: str) -> None:
+    """Refuse a --torch_compile backend that torch.compile does not know (before the first step, not at it)."""
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise ValueError(
+            f"--torch_compile {backend}: torch.compile has no such backend. Use one of {', '.join(backends)} "
+            "(inductor, the default, generates fast kernels; aot_eager and eager only check that the model compiles)."
+        )
+
+
+def check_accelerate_compile(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Refuse --torch_compile when accelerate compiles the models too (`accelerate launch --dynamo_backend`)."""
+    backend = accelerator.state.dynamo_plugin.backend
+    if args.torch_compile is not None and backend != DynamoBackend.NO:
+        raise ValueError(
+            f"--torch_compile compiles the UNet, and accelerate's dynamo_backend ({backend.value.lower()}, from "
+            "`accelerate launch --dynamo_backend` or accelerate's config) would compile every model again: launch "
+            "with --dynamo_backend no, or drop --torch_compile."
         )
 
 
@@ -224,16 +272,20 @@ def build_models(args: argparse.Namespace, model_config: dict, channels: int):
     return unet, encoder
 
 
-def step_generator(seed: int, step: int, micro_step: int) -> torch.Generator:
-    """The random source of one micro-batch: a pure function of (seed, step, micro-step)."""
+def step_generator(seed: int, step: int, micro_step: int, device: torch.device) -> torch.Generator:
+    """
+    The random source of one micro-batch, on `device`: a pure function of (seed, step, micro-step). It draws on the
+    device itself (no copy from the host at every step); a CUDA generator draws other numbers than the CPU one from the
+    same seed, so a GPU run repeats GPU runs (resumed or with more processes), not CPU runs.
+    """
     state = np.random.SeedSequence([seed, step, micro_step]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+    return torch.Generator(device).manual_seed(int(state))
 
 
 def process_slice(tensor: torch.Tensor, accelerator: Accelerator, batch: int) -> torch.Tensor:
     """This process's rows of a tensor drawn for the whole global micro-batch."""
     start = accelerator.process_index * batch
-    return tensor[start : start + batch].to(accelerator.device)
+    return tensor[start : start + batch]
 
 
 class Trainer:
@@ -263,10 +315,18 @@ class Trainer:
         self.scheduler = IPNDMScheduler()
         self.loss_fn = EDMLoss(self.scheduler, P_mean=args.P_mean, P_std=args.P_std)
         self.models = [unet] + ([encoder] if encoder is not None else [])
+        if args.channels_last:  # the EMA copies, copied before, keep the default format: they are saved and sample
+            for model in self.models:
+                model.to(memory_format=torch.channels_last)
+        if args.torch_compile is not None:
+            # In place (nn.Module.compile): the module, its state dict and so the checkpoints stay as they are.
+            unet.compile(backend=args.torch_compile)
         parameters = [p for model in self.models for p in model.parameters()]
+        # torch's fused Adam kernel: one launch per step instead of several per parameter group, on CUDA, where it is
+        # the same algorithm; elsewhere (the CPU) the default implementation, so CPU runs are unchanged.
         optimizer = torch.optim.Adam(
             parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-            weight_decay=args.adam_weight_decay,
+            weight_decay=args.adam_weight_decay, fused=True if accelerator.device.type == "cuda" else None,
         )
         lr_scheduler = get_scheduler(
             args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -312,19 +372,22 @@ class Trainer:
 
     # ----- training ----------------------------------------------------------------------------------------------
     def micro_batch_loss(self, images: torch.Tensor, micro_step: int):
-        """The EDM loss of one micro-batch, and its code indices gathered over all processes (None for baseline)."""
+        """
+        The EDM loss of one micro-batch, and its code indices and pre-quantized codes gathered over all processes
+        (None for the baseline).
+        """
         accelerator = self.accelerator
         global_shape = (images.shape[0] * accelerator.num_processes, *images.shape[1:])
-        generator = step_generator(self.args.seed, self.global_step, micro_step)
+        generator = step_generator(self.args.seed, self.global_step, micro_step, accelerator.device)
         sigma, noise = self.loss_fn.sample_noise(global_shape, generator)
         sigma, noise = (process_slice(t, accelerator, images.shape[0]) for t in (sigma, noise))
-        code, indices, stats = None, None, {}
+        code, indices, pre_quantized = None, None, None
         if self.encoder is not None:
             encoded = self.encoder(images)
             code, indices = encoded.codes, accelerator.gather(encoded.indices)
-            stats = batch_code_usage(indices, accelerator.gather(encoded.pre_quantized))
+            pre_quantized = accelerator.gather(encoded.pre_quantized.detach())
         loss = self.loss_fn(self.unet, images, sigma, noise, code=code)
-        return loss, indices, stats
+        return loss, indices, pre_quantized
 
     def optimizer_step_done(self, indices: list[torch.Tensor]) -> float:
         """After an optimizer step: the parameter EMA and the code weights, with one decay mu."""
@@ -337,6 +400,11 @@ class Trainer:
             self.ema_encoder.update_code_weights(torch.cat(indices), decay)
         return decay
 
+    def is_logged_step(self) -> bool:
+        """Whether the step just trained is logged: every `--logging_steps`, at checkpoints and at the last step."""
+        args, step = self.args, self.global_step
+        return step % args.logging_steps == 0 or step % args.checkpointing_steps == 0 or step == args.max_train_steps
+
     def train(self, checkpoint: Path | None) -> None:
         args, accelerator = self.args, self.accelerator
         if checkpoint is not None:
@@ -346,16 +414,27 @@ class Trainer:
             len(self.images), args.train_batch_size, accelerator.num_processes, accelerator.process_index, args.seed,
             start=self.global_step * args.gradient_accumulation_steps,
         )
-        micro_batches = iter(
-            torch.utils.data.DataLoader(self.images, batch_sampler=sampler, num_workers=args.dataloader_num_workers)
+        # Pinned host memory lets the images travel to a GPU while it still computes the previous step.
+        loader = torch.utils.data.DataLoader(
+            self.images, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
+            pin_memory=accelerator.device.type == "cuda",
         )
+        micro_batches = iter(loader)
         progress = tqdm(range(args.max_train_steps), initial=self.global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
+        window_steps, window_seconds = 0, 0.0  # the steps trained since the last logged one, and their time
         while self.global_step < args.max_train_steps:
-            facts = self.last_facts = self.train_step(micro_batches)
-            self.log(facts)
+            started = time.perf_counter()
+            step = self.train_step(micro_batches)
+            window_steps += 1
+            if self.is_logged_step():
+                facts = self.last_facts = self.step_facts(step, window_steps, window_seconds, started)
+                self.log(facts)
+                progress.set_postfix(loss=f"{facts['loss']:.4f}", img_s=f"{facts['images_per_second']:.0f}")
+                window_steps, window_seconds = 0, 0.0
+            else:
+                window_seconds += time.perf_counter() - started
             progress.update(1)
-            progress.set_postfix(loss=f"{facts['loss']:.4f}", img_s=f"{facts['images_per_second']:.0f}")
             if self.global_step % args.checkpointing_steps == 0:
                 self.save_checkpoint()
             if self.global_step % args.validation_steps == 0:
@@ -365,32 +444,46 @@ class Trainer:
             self.save_checkpoint()
 
     def train_step(self, micro_batches) -> dict:
-        """One optimizer step on the next `--gradient_accumulation_steps` micro-batches: one full global batch."""
+        """
+        One optimizer step on the next `--gradient_accumulation_steps` micro-batches: one full global batch. Returns
+        what [`step_facts`] reads if the step is logged, as tensors on the device: nothing here waits for the device.
+        """
         args, accelerator = self.args, self.accelerator
-        indices, losses, started = [], [], time.perf_counter()
+        indices, losses, pre_quantized = [], [], None
         for micro_step in range(args.gradient_accumulation_steps):
-            images = next(micro_batches).to(accelerator.device)
+            images = next(micro_batches).to(accelerator.device, non_blocking=True)
             # Synchronises (and steps the optimizer) at every k-th micro-batch, counting them: never at a data end.
             with accelerator.accumulate(*self.models):
-                loss, batch_indices, stats = self.micro_batch_loss(images, micro_step)
+                loss, batch_indices, pre_quantized = self.micro_batch_loss(images, micro_step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_([p for m in self.models for p in m.parameters()], args.max_grad_norm)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            losses.append(accelerator.gather(loss.detach()).mean().item())
+            losses.append(accelerator.gather(loss.detach()).mean())
             if batch_indices is not None:
                 indices.append(batch_indices)
         self.global_step += 1
         decay = self.optimizer_step_done(indices)
+        return {"losses": losses, "indices": indices, "pre_quantized": pre_quantized, "ema_decay": decay}
+
+    def step_facts(self, step: dict, window_steps: int, window_seconds: float, started: float) -> dict:
+        """
+        The logged facts of the step just trained: the only place the training loop reads values from the device.
+        The code statistics are those of its last micro-batch; images/s is over the `window_steps` steps trained since
+        the last logged one (`window_seconds` before this step, which began at `started`).
+        """
+        losses = torch.stack(step["losses"]).tolist()  # waits for the device to finish the step
+        stats = {} if step["pre_quantized"] is None else batch_code_usage(step["indices"][-1], step["pre_quantized"])
+        seconds = window_seconds + time.perf_counter() - started
         return {
             "step": self.global_step,
             "loss": float(np.mean(losses)),
             "lr": self.lr_scheduler.get_last_lr()[0],
             "kimg": self.global_step * self.global_batch / 1000,
-            "ema_decay": decay,
-            "images_per_second": self.global_batch / (time.perf_counter() - started),
+            "ema_decay": step["ema_decay"],
+            "images_per_second": window_steps * self.global_batch / seconds,
             **stats,
         }
 
@@ -510,6 +603,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     check_mixed_precision(accelerator)
+    check_accelerate_compile(args, accelerator)
     use_all_cpu_cores(accelerator)
     repo_id = hub_repo_id(args, accelerator)
 

@@ -34,12 +34,14 @@ METRICS_NAME = "metrics.jsonl"
 TRACKER_PROJECT = "train_qac"
 _CHECKPOINT_NAME = re.compile(re.escape(CHECKPOINT_PREFIX) + r"(\d+)")
 # Flags that may change when a run is resumed: where its files go, how long it trains, how often it saves, validates
-# and logs, and whether it publishes. Every other flag, the model and the data must match the checkpoint's.
+# and logs, whether it publishes, and how fast a step runs (memory format, compilation: the same computation up to
+# rounding). Every other flag, the model and the data must match the checkpoint's.
 # (`model_config` is a file name: the model it resolves to is compared instead.)
 CHANGEABLE_ON_RESUME = frozenset({
     "output_dir", "logging_dir", "report_to", "cache_dir", "dataloader_num_workers", "model_config", "max_train_steps",
     "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "num_validation_images", "validation_nfe",
-    "resume_from_checkpoint", "overwrite_output_dir", "dry_run", "push_to_hub",
+    "logging_steps", "channels_last", "torch_compile", "resume_from_checkpoint", "overwrite_output_dir", "dry_run",
+    "push_to_hub",
 })
 # What the failure of a write looks like: OSError (no space left on device), torch.save's RuntimeError
 # ("basic_ios::clear: iostream error", "unexpected pos"), safetensors' SafetensorError.
