@@ -31,6 +31,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from qac_diffusers import FSQConditionEncoder, IPNDMScheduler, QACPipeline, QACUNet2DModel
+from qac_diffusers.schedulers.schedule_fitting import DEFAULT_FIT_NFE, check_fit_nfe, fit_schedules
 from qac_diffusers.training import ImageTransform, infer_num_channels, load_image_dataset
 from qac_diffusers.training.checkpoints import (
     CHECKPOINT_PREFIX,
@@ -140,6 +141,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     logs.add_argument("--validation_steps", type=int, default=500, help="Sample a grid every N steps.")
     logs.add_argument("--num_validation_images", type=int, default=64)
     logs.add_argument("--validation_nfe", type=int, default=6)
+    logs.add_argument(
+        "--fit_schedule_nfe", type=int, nargs="*", default=list(DEFAULT_FIT_NFE),
+        help="After training, fit the sampling schedule to the model at these NFE (pipelines/fit_schedule.py); "
+        "pass the flag without values to keep the Karras schedule.",
+    )
     logs.add_argument("--checkpointing_steps", type=int, default=1000)
     logs.add_argument("--checkpoints_total_limit", type=int)
     logs.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder.")
@@ -174,6 +180,8 @@ def check_args(args: argparse.Namespace) -> None:
                  "checkpointing_steps", "num_validation_images", "validation_nfe", "logging_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.fit_schedule_nfe:
+        check_fit_nfe(args.fit_schedule_nfe)
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.")
     if args.report_to == "wandb" and args.hub_token is not None:
@@ -500,10 +508,13 @@ class Trainer:
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
-    def sample_grid(self):
-        """A grid of validation samples from the EMA models (fixed seed, `--validation_nfe` UNet calls)."""
+    def sample_grid(self, pipeline: QACPipeline | None = None):
+        """
+        A grid of validation samples from `pipeline`, by default that of the EMA models (fixed seed,
+        `--validation_nfe` UNet calls).
+        """
         generator = torch.Generator(self.accelerator.device).manual_seed(self.args.seed)
-        images = self.pipeline()(
+        images = (pipeline or self.pipeline())(
             batch_size=self.args.num_validation_images, num_inference_steps=self.args.validation_nfe,
             generator=generator, output_type="pil",
         ).images
@@ -532,8 +543,28 @@ class Trainer:
         checksums = self.accelerator.gather(checksum)
         return bool((checksums == checksums[0]).all())
 
-    def save_final(self, dataset_name: str, training_config: dict, repo_id: str) -> None:
-        """The EMA pipeline, a sample grid and the model card in output_dir; pushed to the Hub when asked."""
+    def fit_schedules(self, pipeline: QACPipeline, training_seconds: float) -> dict | None:
+        """
+        Fit the pipeline's sampling schedules at `--fit_schedule_nfe` (its scheduler is replaced); returns what the
+        fit cost, beside the training time of this run, for training_summary.json.
+        """
+        if not self.args.fit_schedule_nfe:
+            return None
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(self.args.seed)
+        fit = fit_schedules(pipeline, self.args.fit_schedule_nfe, generator=generator)
+        pipeline.scheduler = fit.scheduler
+        seconds = time.perf_counter() - started
+        print(f"Fitted the sampling schedules at NFE {sorted(fit.fitted_distances)} in {seconds:.1f} s "
+              f"({seconds / training_seconds:.1%} of this run's {training_seconds:.1f} s of training).")
+        return {"nfe": sorted(fit.fitted_distances), "seconds": seconds, "training_seconds": training_seconds,
+                "formula_distances": fit.formula_distances, "fitted_distances": fit.fitted_distances}
+
+    def save_final(self, dataset_name: str, training_config: dict, repo_id: str, training_seconds: float) -> None:
+        """
+        The EMA pipeline (its sampling schedules fitted), a sample grid and the model card in output_dir; pushed to the
+        Hub when asked.
+        """
         in_sync = self.processes_in_sync()
         if not in_sync:
             logger.warning("The processes hold different parameters: the distributed setup is broken.")
@@ -544,10 +575,12 @@ class Trainer:
         facts = {**self.last_facts, "processes_in_sync": in_sync}
         usage = None if self.ema_encoder is None else code_usage(self.ema_encoder.code_weights)
         last_checkpoint = self.output_dir / f"{CHECKPOINT_PREFIX}{self.saved_step}"
+        pipeline = self.pipeline()
+        schedule_fit = self.fit_schedules(pipeline, training_seconds)
         with explained_write_failure("the final pipeline", self.output_dir, last_checkpoint, remove=False):
-            self.pipeline().save_pretrained(self.output_dir)
-            self.sample_grid().save(self.output_dir / "samples.png")
-            summary = {"training_facts": facts, "code_usage": usage}
+            pipeline.save_pretrained(self.output_dir)
+            self.sample_grid(pipeline).save(self.output_dir / "samples.png")
+            summary = {"training_facts": facts, "code_usage": usage, "schedule_fit": schedule_fit}
             (self.output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
         card_facts = {"steps": facts["step"], "images_seen": facts["step"] * self.global_batch,
                       "final_loss": facts["loss"], "processes_in_sync": facts["processes_in_sync"]}
@@ -639,9 +672,12 @@ def main(argv: list[str] | None = None) -> None:
         tracker_config = {key: value for key, value in training_config["args"].items() if value is not None}
         accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config)
 
+    started = time.perf_counter()
     trainer.train(checkpoint)
+    training_seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
-    trainer.save_final(args.dataset_name or args.train_data_dir or "digits", training_config, repo_id)
+    dataset_name = args.dataset_name or args.train_data_dir or "digits"
+    trainer.save_final(dataset_name, training_config, repo_id, training_seconds)
     accelerator.end_training()
 
 

@@ -141,7 +141,7 @@ def training_images_per_second(preset: str, batch: int, steps: int, no_condition
             "--mixed_precision", args.mixed_precision, "--dynamo_backend", "no", str(REPO_ROOT / "train_qac.py"),
             "--output_dir", output_dir, "--preset", preset, "--train_batch_size", str(batch),
             "--max_train_steps", str(steps), "--report_to", "none", "--validation_steps", str(10 * steps),
-            "--checkpointing_steps", str(10 * steps), "--num_validation_images", "4",
+            "--checkpointing_steps", str(10 * steps), "--num_validation_images", "4", "--fit_schedule_nfe",
             "--dataset_name", "digits" if preset == "tiny" else "animal-mnist",
         ]
         command += ["--no_condition"] if no_condition else []

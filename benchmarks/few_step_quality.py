@@ -129,6 +129,7 @@ def train_models(args: argparse.Namespace, data_folder: Path, work_dir: Path) ->
                     "--report_to", "none", "--validation_steps", str(args.max_train_steps),
                     "--checkpointing_steps", str(args.checkpointing_steps or args.max_train_steps),
                     "--checkpoints_total_limit", "1",
+                    "--fit_schedule_nfe",  # no fitted schedules: the solvers here run on the Karras schedule
                 ]
                 command += ["--resolution", str(args.resolution)] if args.resolution else []
                 command += resume_flags(output_dir)

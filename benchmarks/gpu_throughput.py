@@ -102,7 +102,8 @@ def train_command(args: argparse.Namespace, run: dict, output_dir: str) -> list[
         str(REPO_ROOT / "train_qac.py"), "--output_dir", output_dir, "--preset", args.preset,
         "--dataset_name", "digits" if args.preset == "tiny" else "animal-mnist", "--train_batch_size",
         str(args.batch), "--max_train_steps", str(args.steps), "--report_to", "none", "--validation_steps", never,
-        "--checkpointing_steps", never, "--num_validation_images", "4", *shlex.split(args.train_flags), *run["flags"],
+        "--checkpointing_steps", never, "--num_validation_images", "4", "--fit_schedule_nfe",  # training steps only
+        *shlex.split(args.train_flags), *run["flags"],
     ]
     return command + (["--no_condition"] if run["model"] == "baseline" else [])
 

@@ -293,7 +293,7 @@ def test_card_input_errors(kwargs, match, tmp_path):
 
 # ----- train_qac.py --push_to_hub ----------------------------------------------------------------------------------
 TRAIN_FLAGS = ["--train_batch_size", "4", "--report_to", "none", "--num_validation_images", "4",
-               "--validation_steps", "100", "--max_train_steps", "1", "--push_to_hub"]
+               "--validation_steps", "100", "--max_train_steps", "1", "--push_to_hub", "--fit_schedule_nfe"]
 
 
 @pytest.fixture

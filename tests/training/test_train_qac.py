@@ -26,8 +26,9 @@ import train_qac  # noqa: E402
 
 
 # Small and fast: 3 batches of 512 digits per epoch, no trackers.
+# No schedule fit after training (--fit_schedule_nfe without values) except where a test asks for one.
 FAST = ["--train_batch_size", "512", "--report_to", "none", "--validation_steps", "100",
-        "--num_validation_images", "4"]
+        "--num_validation_images", "4", "--fit_schedule_nfe"]
 # Smaller still where a few steps of any size will do (a later flag overrides FAST's).
 SMALL = ["--train_batch_size", "64"]
 # Global batches of 3 micro-batches of 128 digits (FAST's batch size comes first, this one overrides it).
@@ -65,6 +66,8 @@ def sample(folder, seed: int = 0) -> torch.Tensor:
         (["--no_condition", "--code_dim", "8"], "--no_condition trains without codes"),
         (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),
         (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1"),
+        (["--fit_schedule_nfe", "0", "3"], "NFE to fit must be a non-empty list of integers >= 1"),
+        (["--fit_schedule_nfe", "64"], "must exceed the largest NFE fitted"),
         (["--hub_model_id", "me/model"], "need --push_to_hub"),
         (["--resolution", "9"], "divisible by 2"),
         (["--resume_from_checkpoint", "nowhere/checkpoint-3"], "not a checkpoint folder"),
@@ -245,7 +248,7 @@ def free_port() -> int:
 
 def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
     flags = ["--max_train_steps", "3", "--report_to", "none", "--validation_steps", "100",
-             "--num_validation_images", "4"]
+             "--num_validation_images", "4", "--fit_schedule_nfe"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()),  # a left-over run on the default port would block this one
@@ -266,6 +269,17 @@ def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def test_fits_the_sampling_schedules_after_training(tmp_path):
+    train(tmp_path, "--max_train_steps", "2", "--fit_schedule_nfe", "2", "1")
+    fit = json.loads((tmp_path / "training_summary.json").read_text())["schedule_fit"]
+    assert fit["nfe"] == [1, 2] and 0 < fit["seconds"] and 0 < fit["training_seconds"]
+    assert all(fit["fitted_distances"][nfe] <= fit["formula_distances"][nfe] for nfe in ("1", "2"))
+    pipe = QACPipeline.from_pretrained(tmp_path)  # the fingerprint matches the saved weights, or this would raise
+    assert pipe.scheduler.fitted_num_inference_steps == [1, 2]
+    pipe.scheduler.set_timesteps(2)
+    assert pipe.scheduler.sigmas.tolist() == pytest.approx(pipe.scheduler.config.fitted_sigmas[1], rel=1e-6)
+
+
 def test_push_to_hub_then_load_the_repo(tmp_path, fake_hub):
     train(tmp_path, "--max_train_steps", "2", "--push_to_hub", "--hub_model_id", f"{fake_hub.user}/qac-digits",
           "--hub_token", fake_hub.token)
@@ -279,7 +293,8 @@ def test_tensorboard_logs_losses_code_usage_and_sample_grids(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     train_qac.main(["--output_dir", str(tmp_path), "--train_batch_size", "512", "--max_train_steps", "2",
-                    "--validation_steps", "2", "--num_validation_images", "4", "--report_to", "tensorboard"])
+                    "--validation_steps", "2", "--num_validation_images", "4", "--report_to", "tensorboard",
+                    "--fit_schedule_nfe"])
     events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     assert {"loss", "lr", "batch_distinct_codes", "code_weights/entropy_bits"} <= set(events.Tags()["scalars"])

@@ -17,7 +17,7 @@ import train_qac  # noqa: E402
 
 
 FAST = ["--train_batch_size", "512", "--report_to", "none", "--max_train_steps", "1", "--validation_steps", "100",
-        "--num_validation_images", "4"]
+        "--num_validation_images", "4", "--fit_schedule_nfe"]
 CPU = SimpleNamespace(device=torch.device("cpu"))
 
 

@@ -20,7 +20,7 @@ import train_qac  # noqa: E402
 
 # 5 steps of 2 micro-batches of 64 digits: a few seconds per run.
 RUN = ["--train_batch_size", "64", "--gradient_accumulation_steps", "2", "--max_train_steps", "5", "--report_to",
-       "none", "--validation_steps", "100", "--num_validation_images", "4"]
+       "none", "--validation_steps", "100", "--num_validation_images", "4", "--fit_schedule_nfe"]
 # Ways a tensor's value reaches the host (each waits for a GPU to finish the work queued before it).
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__")
 
