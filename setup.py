@@ -33,6 +33,7 @@ setup(
         "numpy>=2.4.6",
         "Pillow>=13.0.0",
         "scikit-learn>=1.9.1",
+        "scipy>=1.17.1",  # the RK45 reference sampler of rectified flow
         "tqdm>=4.70.1",
         "tensorboard>=2.21.0",
     ],

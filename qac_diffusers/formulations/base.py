@@ -14,6 +14,8 @@ from typing import ClassVar
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ..schedulers.scheduling_ipndm import karras_sigmas
+
 
 class Formulation(ABC):
     """
@@ -40,7 +42,11 @@ class Formulation(ABC):
     @classmethod
     def check_scheduler(cls, scheduler: SchedulerMixin) -> None:
         """Raise a `ValueError` naming the fix unless `scheduler` is of this formulation's kind."""
-        if not isinstance(scheduler, cls.scheduler_classes):
+        # By class name along the MRO, not `isinstance`: plain diffusers loads a saved pipeline's scheduler from the
+        # copy of its module shipped in scheduler/ and this module's imports from the copies at the folder's root,
+        # two distinct classes of one name.
+        names = {kind.__name__ for kind in cls.scheduler_classes}
+        if not any(kind.__name__ in names for kind in type(scheduler).__mro__):
             kinds = ", ".join(kind.__name__ for kind in cls.scheduler_classes)
             raise ValueError(
                 f"A model of the {cls.name!r} formulation cannot be sampled with {type(scheduler).__name__}: it needs "
@@ -96,7 +102,39 @@ class Formulation(ABC):
         and `qac_diffusers.metrics.trajectory` take, whatever the formulation.
         """
 
+    @property
+    @abstractmethod
+    def sigma_range(self) -> tuple[float, float]:
+        """
+        `(sigma_min, sigma_max)`: the EDM noise levels on which [`denoise_edm`] is used, by the editing grid
+        ([`edit_sigmas`]) and by the metrics of `qac_diffusers.metrics.trajectory`.
+        """
+
+    @property
+    @abstractmethod
+    def rho(self) -> float:
+        """The exponent of the Karras grid of [`edit_sigmas`]."""
+
+    def edit_sigmas(self, num_steps: int) -> torch.Tensor:
+        """
+        The noise levels of zero-shot editing (paper Algorithm 2), in EDM coordinates: the Karras grid of `num_steps`
+        points from `sigma_max` to `sigma_min` of [`sigma_range`], float64.
+        """
+        return karras_sigmas(num_steps, *self.sigma_range, self.rho)
+
     # ----- sampling ------------------------------------------------------------------------------------------------
+
+    def reference_solve(
+        self, unet: torch.nn.Module, latents: torch.Tensor, code: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """
+        An adaptive reference solve of the ODE from standard normal `latents`: `(samples, nfe)`, float32 samples and
+        the number of UNet calls. Refused unless the formulation has one.
+        """
+        raise ValueError(
+            f"The {self.name!r} formulation has no adaptive reference solver (the RK45 of the paper's tables is "
+            "rectified flow's): sample with the pipeline's scheduler and a large `num_inference_steps` instead."
+        )
 
     @abstractmethod
     def solver(self, name: str) -> SchedulerMixin:

@@ -57,6 +57,16 @@ class EDMFormulation(Formulation):
         """D(x; sigma, y): EDM's own coordinates."""
         return self.denoise(unet, sample, sigma, code)
 
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        """The scheduler's `sigma_min` and `sigma_max`: the levels the model samples (and was tuned for)."""
+        return self.scheduler.config.sigma_min, self.scheduler.config.sigma_max
+
+    @property
+    def rho(self) -> float:
+        """The scheduler's `rho`, so that editing uses the sampling grid's shape."""
+        return self.scheduler.config.rho
+
     def solver(self, name: str) -> SchedulerMixin:
         """One of `qac_diffusers.schedulers.SOLVERS` ("ipndm", "euler", "dpmsolver2", ...): [`solver_from_config`]."""
         return solver_from_config(name, self.scheduler.config)

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from scipy.integrate import solve_ivp
 
 from .base import Formulation
 
@@ -23,6 +22,9 @@ TRAIN_EPS = 1e-5
 # RNE's `sample_ode_generative_bbox`: scipy's RK45 from t = 1 to eps = 1e-3, rtol = atol = 1e-5.
 RK45_EPS = 1e-3
 RK45_TOLERANCE = 1e-5
+
+# The Karras exponent of EDM (Karras et al. 2022), for the editing grid.
+KARRAS_RHO = 7.0
 
 SOLVERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
 
@@ -70,6 +72,9 @@ def rk45_solve(
         `tuple` `(sample, nfe)`: x(eps) in the dtype and on the device of `noise`, and the number of velocity
         evaluations the solver made (scipy's `nfev`).
     """
+    # scipy is imported here: the pipeline (and the code a saved pipeline ships) imports this module without it
+    from scipy.integrate import solve_ivp
+
     shape = noise.shape
 
     def ode(t: float, x: np.ndarray) -> np.ndarray:
@@ -175,6 +180,21 @@ class RectifiedFlowFormulation(Formulation):
         sigma = torch.as_tensor(sigma, dtype=sample.dtype, device=sample.device)
         return self.denoise(unet, sample / (1 + sigma), sigma / (1 + sigma), code)
 
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        """
+        t from 1 / num_train_timesteps to 1 - 1 / num_train_timesteps as EDM levels sigma = t / (1 - t): the lower
+        end is the smallest level of diffusers' flow-matching grids; the upper end mirrors it, since in EDM
+        coordinates t = 1 (pure noise) is sigma = infinity. For 1000 timesteps, sigma from 1/999 to 999.
+        """
+        t_min = 1.0 / self.num_train_timesteps
+        return t_min / (1 - t_min), (1 - t_min) / t_min
+
+    @property
+    def rho(self) -> float:
+        """EDM's 7: the editing grid in EDM coordinates spends its steps at low noise, as EDM's does."""
+        return KARRAS_RHO
+
     # ----- sampling ------------------------------------------------------------------------------------------------
 
     def solver(self, name: str) -> SchedulerMixin:
@@ -235,3 +255,7 @@ class RectifiedFlowFormulation(Formulation):
             `tuple` `(samples, nfe)`: float32 samples and the number of UNet calls.
         """
         return rk45_solve(lambda x, t: self.velocity(unet, x, t, code), latents.float(), eps, rtol, atol)
+
+    def reference_solve(self, unet, latents, code=None) -> tuple[torch.Tensor, int]:
+        """[`sample_rk45`] with RNE's settings: the paper's "RK45" column."""
+        return self.sample_rk45(unet, latents, code)

@@ -158,11 +158,11 @@ def conditional_flow_matching_loss(
 
 def pipeline_denoiser(pipeline: "QACPipeline", code: torch.Tensor | None = None) -> Denoiser:
     """
-    The EDM denoiser D(x; sigma, code) of a [`QACPipeline`]: its UNet with its scheduler's `precondition_*` methods
+    The denoiser D(x; sigma, code) in EDM coordinates of a [`QACPipeline`] of either formulation
     ([`QACPipeline.denoise`]), without gradients.
 
     Args:
-        pipeline ([`QACPipeline`]): A pipeline with an EDM-style scheduler.
+        pipeline ([`QACPipeline`]): The model.
         code (`torch.Tensor` of shape `(batch, code_dim)`, *optional*): The code levels each sample is conditioned on
             (`encoder.indices_to_codes(indices)`); `None` for an unconditional pipeline.
 
@@ -183,10 +183,12 @@ def pipeline_curvature(
 ) -> float:
     """
     The mean [`trajectory_curvature`] of a pipeline's probability-flow ODE, on `num_steps` Euler steps uniform in
-    Rectified-Flow time from the scheduler's `sigma_max` to 0 ([`uniform_time_sigmas`], RNE's grid).
+    Rectified-Flow time from the formulation's `sigma_max` to 0 ([`uniform_time_sigmas`], RNE's grid): the
+    scheduler's for EDM, t = 1 - 1/1000 for rectified flow ([`Formulation.sigma_range`]).
 
     As in [`QACPipeline.__call__`], the noise is drawn first and then, for a conditional pipeline without
-    `code_indices`, one code per sample from the encoder's code weights (the unconditional baseline takes none).
+    `code_indices`, one condition per sample: a code from the encoder's code weights, or a Gaussian encoder's draw
+    from its prior (the unconditional baseline takes none).
 
     Args:
         pipeline ([`QACPipeline`]): The model to measure.
@@ -202,18 +204,10 @@ def pipeline_curvature(
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
-    if pipeline.encoder is None and code_indices is not None:
-        raise ValueError("This pipeline is unconditional (no encoder): `code_indices` must be None.")
-    device = pipeline._execution_device
-    noise = randn_tensor((num_samples, *pipeline.image_shape), generator=generator, device=device)
-    codes = None
-    if pipeline.encoder is not None:
-        if code_indices is None:
-            code_indices = pipeline.encoder.sample_indices(num_samples, generator)
-        if tuple(code_indices.shape) != (num_samples,):
-            raise ValueError(f"`code_indices` must have shape ({num_samples},), got {tuple(code_indices.shape)}.")
-        codes = pipeline.encoder.indices_to_codes(code_indices.to(device))
-    sigmas = uniform_time_sigmas(num_steps, pipeline.scheduler.config.sigma_max)
+    pipeline.check_inputs(num_samples, 1, generator, code_indices, None, "pt")
+    # the noise, then the conditions, drawn as the pipeline draws them (a Gaussian encoder's from its prior)
+    noise, codes, _ = pipeline._noise_and_conditions(num_samples, generator, code_indices, None)
+    sigmas = uniform_time_sigmas(num_steps, pipeline.formulation.sigma_range[1])
 
     curvatures = []
     for start in range(0, num_samples, batch_size or num_samples):
@@ -234,7 +228,8 @@ def pipeline_conditional_flow_matching_loss(
     """
     [`conditional_flow_matching_loss`] of a pipeline on held-out images, each conditioned on its own code
     (Y = the encoder's code of X_0, paper eq. 12), or on none for the unconditional baseline; the noise levels are the
-    scheduler's `sigma_min` to `sigma_max`.
+    formulation's `sigma_min` to `sigma_max` ([`Formulation.sigma_range`]: the scheduler's for EDM, t from 1/1000 to
+    1 - 1/1000 for rectified flow).
 
     Args:
         pipeline ([`QACPipeline`]): The model to measure.
@@ -249,16 +244,14 @@ def pipeline_conditional_flow_matching_loss(
     if not isinstance(num_draws, int) or num_draws < 1:
         raise ValueError(f"`num_draws` must be a positive integer, got {num_draws!r}.")
     images = pipeline.images_to_tensor(images).to(pipeline._execution_device, torch.float32)
-    config = pipeline.scheduler.config
+    sigma_min, sigma_max = pipeline.formulation.sigma_range
     losses = []
     for start in range(0, images.shape[0], batch_size):
         batch = images[start : start + batch_size]
         code = None if pipeline.encoder is None else pipeline.encoder(batch.to(pipeline.encoder.dtype)).codes
         denoiser = pipeline_denoiser(pipeline, code)
         for _ in range(num_draws):
-            losses.append(
-                conditional_flow_matching_loss(denoiser, batch, generator, config.sigma_min, config.sigma_max)
-            )
+            losses.append(conditional_flow_matching_loss(denoiser, batch, generator, sigma_min, sigma_max))
     return torch.cat(losses).mean().item()
 
 

@@ -357,6 +357,16 @@ class FSQConditionEncoder(ModelMixin, ConfigMixin, DownPathMixin):
             return torch.cat([self._draw(1, g) for g in generator])
         return self._draw(num_samples, generator)
 
+    def draw_conditions(
+        self, num_samples: int, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        """
+        The conditions of sampling, as every condition encoder gives them: `(codes, indices)`, indices drawn with
+        [`sample_indices`] and their code levels (float32, on the encoder's device).
+        """
+        indices = self.sample_indices(num_samples, generator)
+        return self.indices_to_codes(indices.to(self.device)), indices
+
     def _draw(self, num_samples: int, generator: torch.Generator | None) -> torch.LongTensor:
         weights = self.code_weights if generator is None else self.code_weights.to(generator.device)
         return torch.multinomial(weights, num_samples, replacement=True, generator=generator)

@@ -173,6 +173,15 @@ class GaussianConditionEncoder(ModelMixin, ConfigMixin, DownPathMixin):
         """
         return randn_tensor((num_samples, self.config.code_dim), generator=generator, device=self.device)
 
+    def draw_conditions(
+        self, num_samples: int, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> tuple[torch.Tensor, None]:
+        """
+        The conditions of sampling, as every condition encoder gives them: `(codes, None)`, codes from the prior
+        ([`sample_codes`]) and no indices.
+        """
+        return self.sample_codes(num_samples, generator), None
+
     # No codebook: every question about code indices is answered with the same error.
 
     @property

@@ -19,7 +19,8 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from ...models import FSQConditionEncoder, QACUNet2DModel, edm_denoise
+from ...formulations import Formulation, formulation_from_name
+from ...models import FSQConditionEncoder, GaussianConditionEncoder, QACUNet2DModel
 from ...models.fingerprint import model_fingerprint
 
 
@@ -48,8 +49,8 @@ class QACPipelineOutput(BaseOutput):
         images (`list[PIL.Image.Image]`, `np.ndarray` of shape `(batch, height, width, channels)` or `torch.Tensor` of
             shape `(batch, channels, height, width)`): The generated images, in [0, 1] for `"np"` and `"pt"`.
         code_indices (`torch.LongTensor` of shape `(batch,)` or `None`): The code each image was conditioned on;
-            `None` for an unconditional baseline, and for [`~QACPipeline.interpolate`]'s `"linear"` path (whose
-            inner points are not codes).
+            `None` for an unconditional baseline, for a [`GaussianConditionEncoder`] (continuous conditions, no
+            indices), and for [`~QACPipeline.interpolate`]'s `"linear"` path (whose inner points are not codes).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -58,26 +59,40 @@ class QACPipelineOutput(BaseOutput):
 
 class QACPipeline(DiffusionPipeline):
     r"""
-    Pipeline for unconditional image generation with quantized adaptive conditions: draw a code from the encoder's
-    code weights, then solve the probability-flow ODE of the code-conditioned EDM denoiser.
+    Pipeline for unconditional image generation with quantized adaptive conditions: draw a condition (a code from the
+    encoder's code weights, or a Gaussian condition from its prior), then solve the probability-flow ODE of the
+    conditioned model, EDM or rectified flow (`formulation`, saved in model_index.json).
 
     Parameters:
-        unet ([`QACUNet2DModel`]): The code-conditioned denoiser F (EDM preconditioning is done by the scheduler).
-        scheduler ([`SchedulerMixin`]): An EDM-style scheduler: [`IPNDMScheduler`] (default), or diffusers'
-            [`EDMEulerScheduler`] / [`EDMDPMSolverMultistepScheduler`]. An [`IPNDMScheduler`] with schedules fitted
-            to another model (`fitted_model_fingerprint`) is refused.
-        encoder ([`FSQConditionEncoder`], *optional*): Encodes images to codes and holds the code weights. `None`
-            for the unconditional baseline (a `unet` with `code_dim=0`).
+        unet ([`QACUNet2DModel`]): The conditioned network: EDM's F (preconditioned by the scheduler) or rectified
+            flow's velocity.
+        scheduler ([`SchedulerMixin`]): A scheduler of the formulation. EDM: [`IPNDMScheduler`] (default), or
+            diffusers' [`EDMEulerScheduler`] / [`EDMDPMSolverMultistepScheduler`]; an [`IPNDMScheduler`] with
+            schedules fitted to another model (`fitted_model_fingerprint`) is refused. Rectified flow: diffusers'
+            [`FlowMatchEulerDiscreteScheduler`] or [`FlowMatchHeunDiscreteScheduler`].
+        encoder ([`FSQConditionEncoder`] or [`GaussianConditionEncoder`], *optional*): Encodes images to conditions
+            and gives the conditions of sampling. `None` for the unconditional baseline (a `unet` with
+            `code_dim=0`).
+        formulation (`str`, defaults to `"edm"`): `"edm"` or `"rectified_flow"`, how the `unet` was trained; folders
+            saved before it existed are EDM.
     """
 
     model_cpu_offload_seq = "encoder->unet"
     _optional_components = ["encoder"]
 
-    def __init__(self, unet: QACUNet2DModel, scheduler: SchedulerMixin, encoder: FSQConditionEncoder | None = None):
+    def __init__(
+        self,
+        unet: QACUNet2DModel,
+        scheduler: SchedulerMixin,
+        encoder: FSQConditionEncoder | GaussianConditionEncoder | None = None,
+        formulation: str = "edm",
+    ):
         super().__init__()
+        formulation_from_name(formulation, scheduler)  # refuses an unknown name and a scheduler of another kind
         _check_components(unet, encoder)
         _check_fitted_schedules(unet, encoder, scheduler)
         self.register_modules(unet=unet, scheduler=scheduler, encoder=encoder)
+        self.register_to_config(formulation=formulation)
         self.image_processor = VaeImageProcessor(do_resize=False)
 
     @classmethod
@@ -132,6 +147,14 @@ class QACPipeline(DiffusionPipeline):
         write_remote_code(self, save_directory)
 
     @property
+    def formulation(self) -> Formulation:
+        """
+        The formulation of the saved config around the current scheduler, so that a scheduler swapped in after
+        loading is used, and refused if it is of the other formulation's kind.
+        """
+        return formulation_from_name(self.config.formulation, self.scheduler)
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of the images this pipeline makes."""
         size = self.unet.config.sample_size
@@ -143,15 +166,16 @@ class QACPipeline(DiffusionPipeline):
         self, sample: torch.Tensor, sigma: float | torch.Tensor, code: torch.Tensor | None = None
     ) -> torch.Tensor:
         """
-        The EDM denoiser D(x; sigma, y) of this pipeline's UNet and scheduler (see [`edm_denoise`]).
+        The denoiser D(x; sigma, y) in EDM coordinates, x = x0 + sigma * n, whatever the formulation (see
+        [`Formulation.denoise_edm`]): the editing pipeline and the metrics use it.
 
         Args:
             sample (`torch.Tensor` of shape `(batch, channels, height, width)`): The noisy images x.
-            sigma (`float` or `torch.Tensor` of shape `(batch, 1, 1, 1)`): The noise level(s).
-            code (`torch.Tensor` of shape `(batch, code_dim)`, *optional*): Code levels (e.g.
+            sigma (`float` or `torch.Tensor` of shape `(batch, 1, 1, 1)`): The noise level(s), finite.
+            code (`torch.Tensor` of shape `(batch, code_dim)`, *optional*): The conditions (e.g.
                 `encoder.indices_to_codes(indices)`); `None` for the unconditional baseline.
         """
-        return edm_denoise(self.unet, self.scheduler, sample, sigma, code)
+        return self.formulation.denoise_edm(self.unet, sample, sigma, code)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor | PIL.Image.Image | list[PIL.Image.Image]) -> torch.LongTensor:
@@ -165,10 +189,28 @@ class QACPipeline(DiffusionPipeline):
         Returns:
             `torch.LongTensor` of shape `(batch,)`.
         """
+        code_indices = self.encode_conditions(images)[1]
+        if code_indices is None:
+            raise ValueError(
+                "This pipeline's GaussianConditionEncoder makes continuous conditions, not code indices: use "
+                "`pipe.variations(images)`, or `pipe.encode_conditions(images)[0]` for the conditions themselves."
+            )
+        return code_indices
+
+    @torch.no_grad()
+    def encode_conditions(
+        self, images: torch.Tensor | PIL.Image.Image | list[PIL.Image.Image]
+    ) -> tuple[torch.Tensor, torch.LongTensor | None]:
+        """
+        The conditions of images, for either encoder: `(codes, code_indices)`, the float conditions of shape `(batch,
+        code_dim)` the UNet takes and their indices of shape `(batch,)` (`None` for a [`GaussianConditionEncoder`],
+        whose conditions are the posterior means). Images as in [`encode`].
+        """
         if self.encoder is None:
             raise ValueError("This pipeline is unconditional (no encoder): it has no codes to encode images to.")
         pixels = self.images_to_tensor(images).to(device=self._execution_device, dtype=self.encoder.dtype)
-        return self.encoder(pixels).indices
+        output = self.encoder(pixels)
+        return output.codes, output.get("indices")
 
     # Code-controlled generation: variations of a reference image, interpolation between two codes.
 
@@ -180,19 +222,17 @@ class QACPipeline(DiffusionPipeline):
         (float levels of shape `(batch, code_dim)` on the execution device, not necessarily integers; `None` for the
         baseline) and post-process the result.
         """
-        device = self._execution_device
+        latents = latents.to(device=self._execution_device)
 
-        # 2. The schedule; the latents start at the scheduler's first noise level
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        sample = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
-
-        # 3. Solve the probability-flow ODE
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(sample, t).to(self.unet.dtype)
-            model_output = self.unet(model_input, t, code=code).sample
-            sample = self.scheduler.step(model_output, t, sample).prev_sample
+        # 2-3. The formulation sets the scheduler's schedule and solves the ODE with it
+        sample = self.formulation.solve(self.unet, latents, code, num_inference_steps, self.progress_bar)
 
         # 4. Post-process
+        return self._postprocess(sample, output_type)
+
+    def _postprocess(
+        self, sample: torch.Tensor, output_type: str
+    ) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
         images = self.image_processor.postprocess(sample, output_type=output_type)
         self.maybe_free_model_hooks()
         return images
@@ -214,7 +254,7 @@ class QACPipeline(DiffusionPipeline):
             image (`torch.Tensor` of shape `(batch, channels, height, width)` in [-1, 1], or PIL image(s)): The
                 reference(s), at the pipeline's size (see [`encode`]).
             num_variations (`int`, defaults to 8): Images per reference.
-            num_inference_steps (`int`, defaults to 6): The number of UNet evaluations (NFE) with [`IPNDMScheduler`].
+            num_inference_steps (`int`, defaults to 6): The number of UNet evaluations (NFE), as in [`__call__`].
             generator (`torch.Generator` or a list of `batch * num_variations` of them, *optional*): Makes the noise
                 deterministic.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` or `"pt"`.
@@ -228,20 +268,20 @@ class QACPipeline(DiffusionPipeline):
 
         Returns:
             [`QACPipelineOutput`] with `batch * num_variations` images, reference-major (the variations of reference
-            0 first), and their code indices (each reference's code, repeated).
+            0 first), and their code indices (each reference's code, repeated; `None` for a
+            [`GaussianConditionEncoder`], whose condition is the reference's posterior mean).
         """
         if not isinstance(num_variations, int) or num_variations < 1:
             raise ValueError(f"`num_variations` must be a positive integer, got {num_variations!r}.")
-        code_indices = self.encode(image).repeat_interleave(num_variations)
-        # QACPipeline's sampler, also in subclasses whose __call__ does something else (the editing pipeline)
-        return QACPipeline.__call__(
-            self,
-            batch_size=len(code_indices),
-            num_inference_steps=num_inference_steps,
-            generator=generator,
-            code_indices=code_indices,
-            output_type=output_type,
-        )
+        codes, code_indices = self.encode_conditions(image)
+        batch_size = len(codes) * num_variations
+        self.check_inputs(batch_size, num_inference_steps, generator, None, None, output_type)
+        latents = randn_tensor((batch_size, *self.image_shape), generator=generator, device=self._execution_device)
+        code = codes.float().repeat_interleave(num_variations, dim=0)
+        images = self._sample(latents, code, num_inference_steps, output_type)
+        if code_indices is not None:
+            code_indices = code_indices.repeat_interleave(num_variations)
+        return QACPipelineOutput(images=images, code_indices=code_indices)
 
     @torch.no_grad()
     def interpolate(
@@ -327,6 +367,12 @@ class QACPipeline(DiffusionPipeline):
         """
         if self.encoder is None:
             raise ValueError("This pipeline is unconditional (no encoder): it has no codes to interpolate between.")
+        if "code_levels" not in self.encoder.config:
+            raise ValueError(
+                f"Interpolation walks between codes of a codebook, and this pipeline's {type(self.encoder).__name__} "
+                "has none: its conditions are continuous. Sample along your own path of conditions with "
+                "`pipe._sample(latents, conditions, num_inference_steps, output_type)`."
+            )
         if path not in ("bits", "linear"):
             raise ValueError(f"`path` must be 'bits' or 'linear', got {path!r}.")
         start, end = self._code_levels(code_a, "code_a"), self._code_levels(code_b, "code_b")
@@ -429,15 +475,18 @@ class QACPipeline(DiffusionPipeline):
 
         Args:
             batch_size (`int`, defaults to 1): The number of images.
-            num_inference_steps (`int`, defaults to 6): The number of UNet evaluations (NFE) with [`IPNDMScheduler`];
-                with other schedulers, their own `num_inference_steps`.
+            num_inference_steps (`int`, defaults to 6): The number of UNet evaluations (NFE) with [`IPNDMScheduler`]
+                and rectified flow's schedulers (Heun: an odd number, see [`RectifiedFlowFormulation.set_timesteps`]);
+                with diffusers' EDM schedulers, their own `num_inference_steps`.
             generator (`torch.Generator` or a list of `batch_size` of them, *optional*): Makes generation
                 deterministic. The noise is drawn before the codes, so the same seed with other `code_indices` keeps
                 the noise.
             code_indices (`torch.LongTensor` of shape `(batch_size,)`, *optional*): The codes to condition on (e.g.
-                from [`encode`]); drawn from the encoder's code weights when `None`.
+                from [`encode`]); drawn from the encoder's code weights when `None` (a [`GaussianConditionEncoder`]
+                takes none: its conditions are drawn from its prior N(0, I)).
             latents (`torch.Tensor` of shape `(batch_size, channels, height, width)`, *optional*): Standard normal
-                noise to start from, scaled by the scheduler's `init_noise_sigma`; drawn with `generator` when `None`.
+                noise to start from (EDM scales it by the scheduler's `init_noise_sigma`); drawn with `generator` when
+                `None`.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` or `"pt"`.
             return_dict (`bool`, defaults to `True`): Return a [`QACPipelineOutput`] instead of a tuple.
 
@@ -447,20 +496,69 @@ class QACPipeline(DiffusionPipeline):
             [`QACPipelineOutput`] or `tuple` `(images, code_indices)`.
         """
         self.check_inputs(batch_size, num_inference_steps, generator, code_indices, latents, output_type)
-        device = self._execution_device
 
-        # 1. Noise, then the codes (so a fixed seed keeps the noise whatever the codes are)
-        if latents is None:
-            latents = randn_tensor((batch_size, *self.image_shape), generator=generator, device=device)
-        if self.encoder is not None and code_indices is None:
-            code_indices = self.encoder.sample_indices(batch_size, generator)
-        code = None if self.encoder is None else self.encoder.indices_to_codes(code_indices.to(device))
+        # 1. Noise, then the conditions (so a fixed seed keeps the noise whatever the conditions are)
+        latents, code, code_indices = self._noise_and_conditions(batch_size, generator, code_indices, latents)
 
         # 2-4. Solve the probability-flow ODE from the latents and post-process
         images = self._sample(latents, code, num_inference_steps, output_type)
         if not return_dict:
             return images, code_indices
         return QACPipelineOutput(images=images, code_indices=code_indices)
+
+    @torch.no_grad()
+    def sample_reference(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        code_indices: torch.LongTensor | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+    ) -> tuple[QACPipelineOutput, int]:
+        r"""
+        Generate images with the formulation's adaptive reference solver instead of the scheduler: for rectified
+        flow, scipy's RK45 with RNE's settings (the paper's "RK45" column). EDM has none and is refused. The noise
+        and the conditions are drawn as in [`__call__`], so a seed gives the same ones.
+
+        Args:
+            batch_size, generator, code_indices, latents, output_type: As in [`__call__`].
+
+        Examples:
+            ```py
+            >>> output, nfe = pipe.sample_reference(batch_size=16, generator=torch.Generator().manual_seed(0))
+            ```
+
+        Returns:
+            `tuple` `(output, nfe)`: a [`QACPipelineOutput`] and the number of UNet calls the solver made.
+        """
+        self.check_inputs(batch_size, 1, generator, code_indices, latents, output_type)
+        formulation = self.formulation
+        latents, code, code_indices = self._noise_and_conditions(batch_size, generator, code_indices, latents)
+        samples, nfe = formulation.reference_solve(self.unet, latents, code)
+        images = self._postprocess(samples, output_type)
+        return QACPipelineOutput(images=images, code_indices=code_indices), nfe
+
+    def _noise_and_conditions(
+        self,
+        batch_size: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        code_indices: torch.LongTensor | None,
+        latents: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
+        """
+        Step 1 of [`__call__`]: `(latents, code, code_indices)`, the noise (drawn first), then the conditions on the
+        execution device: of `code_indices`, else drawn by the encoder (indices `None` for a Gaussian encoder).
+        """
+        device = self._execution_device
+        if latents is None:
+            latents = randn_tensor((batch_size, *self.image_shape), generator=generator, device=device)
+        if self.encoder is None:
+            return latents, None, None
+        if code_indices is None:
+            code, code_indices = self.encoder.draw_conditions(batch_size, generator)
+        else:
+            code = self.encoder.indices_to_codes(code_indices.to(device))
+        return latents, code.to(device), code_indices
 
 
 def pil_to_tensor(images: PIL.Image.Image | list[PIL.Image.Image], mode: str) -> torch.Tensor:
@@ -507,18 +605,21 @@ def check_pixel_range(images: torch.Tensor) -> None:
         )
 
 
-def _check_components(unet: QACUNet2DModel, encoder: FSQConditionEncoder | None) -> None:
+def _check_components(unet: QACUNet2DModel, encoder: FSQConditionEncoder | GaussianConditionEncoder | None) -> None:
     code_dim = unet.config.code_dim
     if encoder is None and code_dim > 0:
-        raise ValueError(f"The unet is conditioned on codes (code_dim={code_dim}): pass the FSQConditionEncoder.")
+        raise ValueError(
+            f"The unet is conditioned on codes (code_dim={code_dim}): pass the FSQConditionEncoder (or "
+            "GaussianConditionEncoder) it was trained with."
+        )
     if encoder is not None and code_dim == 0:
         raise ValueError("The unet is unconditional (code_dim=0): pass `encoder=None`.")
-    code_levels = unet.config.code_levels
-    if encoder is not None and (encoder.config.code_dim, encoder.config.code_levels) != (code_dim, code_levels):
-        raise ValueError(
-            f"The encoder makes codes with code_dim={encoder.config.code_dim}, code_levels="
-            f"{encoder.config.code_levels} but the unet takes code_dim={code_dim}, code_levels={code_levels}."
-        )
+    # A Gaussian encoder's conditions are continuous: only the FSQ encoder has code levels to compare.
+    keys = [key for key in ("code_dim", "code_levels") if encoder is not None and key in encoder.config]
+    if [encoder.config[key] for key in keys] != [unet.config[key] for key in keys]:
+        made = ", ".join(f"{key}={encoder.config[key]}" for key in keys)
+        taken = ", ".join(f"{key}={unet.config[key]}" for key in keys)
+        raise ValueError(f"The encoder makes codes with {made} but the unet takes {taken}.")
 
 
 def _check_fitted_schedules(

@@ -9,7 +9,6 @@ import torch
 from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from ...schedulers.scheduling_ipndm import karras_sigmas
 from .editing_operators import LinearDegradation, colorization, inpainting, super_resolution
 from .pipeline_qac import OUTPUT_TYPES, QACPipeline, check_pixel_range, pil_to_tensor, to_pixel_tensor
 
@@ -59,12 +58,14 @@ class QACImageEditPipeline(QACPipeline):
     Algorithm 2, which alternates noising, denoising conditioned on the code of the current estimate, and replacing
     the known coefficients of the estimate by those of the input.
 
-    The components, loading and saving are those of [`QACPipeline`]; the scheduler only provides the EDM
-    preconditioning and `sigma_min`, `sigma_max`, `rho` of the Karras schedule.
+    The components, loading and saving are those of [`QACPipeline`], for both formulations: the noising and the
+    denoiser are in EDM coordinates ([`QACPipeline.denoise`]), on the Karras grid of the formulation's
+    [`Formulation.edit_sigmas`] (EDM: the scheduler's `sigma_min`, `sigma_max`, `rho`; rectified flow: t from 1/1000
+    to 1 - 1/1000, rho = 7).
 
     Parameters:
-        unet ([`QACUNet2DModel`]): The code-conditioned denoiser F.
-        scheduler ([`SchedulerMixin`]): An EDM-style scheduler ([`IPNDMScheduler`], [`EDMEulerScheduler`], ...).
+        unet ([`QACUNet2DModel`]): The code-conditioned network.
+        scheduler ([`SchedulerMixin`]): A scheduler of the formulation, as in [`QACPipeline`].
         encoder ([`FSQConditionEncoder`], *optional*): E, which codes the current estimate; `None` for the
             unconditional baseline, which then denoises without a code.
     """
@@ -95,8 +96,7 @@ class QACImageEditPipeline(QACPipeline):
             `torch.Tensor` of the shape of `z`, float32, in the data space ([-1, 1] up to what the model produces).
         """
         check_pixel_range(z)
-        sigma_min, sigma_max, rho = (self.scheduler.config[key] for key in ("sigma_min", "sigma_max", "rho"))
-        timesteps = karras_sigmas(num_inference_steps, sigma_min, sigma_max, rho).tolist()
+        timesteps = self.formulation.edit_sigmas(num_inference_steps).tolist()
 
         # Algorithm 2, lines 1-2: keep only the known part of the reference, and start from it
         z = degradation.known_part(z.float())
