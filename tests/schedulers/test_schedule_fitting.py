@@ -14,7 +14,8 @@ from qac_diffusers.models.fingerprint import model_fingerprint
 from qac_diffusers.schedulers import solver_from_config
 from qac_diffusers.schedulers.schedule_fitting import (
     ScheduleDistance,
-    _insert_point,
+    _fit_one,
+    _insertions,
     coordinate_descent,
     fit_schedules,
     pixel_features,
@@ -58,9 +59,32 @@ def test_descent_keeps_the_schedule_ordered():
     assert found[0] > found[1] > found[2] > found[3]
 
 
-def test_insert_point_splits_the_widest_gap_in_log_sigma():
-    assert _insert_point([80.0, 10.0, 1.0, 0.002]) == pytest.approx([80.0, 10.0, 1.0, math.sqrt(0.002), 0.002])
-    assert _insert_point([80.0, 0.5, 0.1, 0.002]) == pytest.approx([80.0, math.sqrt(40.0), 0.5, 0.1, 0.002])
+def test_insertions_add_one_geometric_mean_per_gap():
+    first, second = _insertions([80.0, 1.0, 0.002])
+    assert first == pytest.approx([80.0, math.sqrt(80.0), 1.0, 0.002])
+    assert second == pytest.approx([80.0, 1.0, math.sqrt(0.002), 0.002])
+    (only,) = _insertions([80.0, 1.0, 0.0])  # none in the gap to 0
+    assert only == pytest.approx([80.0, math.sqrt(80.0), 1.0, 0.0])
+
+
+def test_fit_one_keeps_the_better_of_the_two_descents():
+    # Two basins: a poor one (0.3 at its bottom) around the formula start, a good one (0 at its bottom) at a schedule
+    # fitted one NFE below with one point inserted. The descent from the formula stays in the poor basin; the second
+    # start finds the good one. A second start no better than where the first descent ended is not descended from.
+    good = [80.0, 9.0, 0.9, math.sqrt(0.9 * 0.002), 0.002]
+    poor = [80.0, 60.0, 40.0, 20.0, 0.002]
+
+    def distance(sigmas):
+        def log_distance(target):
+            return sum(abs(math.log(s) - math.log(t)) for s, t in zip(sigmas[1:-1], target[1:-1]))
+
+        return min(log_distance(good), 0.3 + log_distance(poor))
+
+    formula = [80.0, 50.0, 30.0, 15.0, 0.002]
+    assert coordinate_descent(distance, formula, (0.5,))[1] >= 0.3  # in the poor basin
+    fitted, best = _fit_one(distance, formula, [80.0, 9.0, 0.9, 0.002], (0.5,))
+    assert fitted == pytest.approx(good) and best == pytest.approx(0.0)
+    assert _fit_one(distance, good, [80.0, 60.0, 40.0, 0.002], (0.5,)) == coordinate_descent(distance, good, (0.5,))
 
 
 def test_distance_runs_the_pipelines_sampler_also_when_resuming_a_shared_prefix():
