@@ -4,6 +4,7 @@
     accelerate launch train_qac.py --output_dir qac-digits                      # embedded digits, tiny preset
     accelerate launch train_qac.py --dataset_name user/data --preset cifar10 --mixed_precision bf16 ...
     accelerate launch train_qac.py --no_condition --output_dir baseline-digits  # the same UNet without codes
+    accelerate launch train_qac.py --formulation rectified_flow --noise_encoder shared  # QAC + RNE (paper Table 5)
 
 Modelled on diffusers' examples/unconditional_image_generation/train_unconditional.py (flags, hooks, checkpoints,
 trackers) and NVlabs' EDM training loop (the loss, the EMA by half-life, the resolved config written as JSON).
@@ -31,6 +32,10 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from qac_diffusers import FSQConditionEncoder, IPNDMScheduler, QACPipeline, QACUNet2DModel
+from qac_diffusers.formulations import FORMULATIONS, formulation_from_name
+from qac_diffusers.models import GaussianConditionEncoder, NoiseEncoder, encode_jointly
+from qac_diffusers.models.gaussian_condition_encoder import check_prior_weight
+from qac_diffusers.models.noise_encoder import PAPER_BETA
 from qac_diffusers.schedulers.schedule_fitting import DEFAULT_FIT_NFE, check_fit_nfe, fit_schedules
 from qac_diffusers.training import ImageTransform, infer_num_channels, load_image_dataset
 from qac_diffusers.training.checkpoints import (
@@ -48,7 +53,6 @@ from qac_diffusers.training.checkpoints import (
     save_checkpoint,
 )
 from qac_diffusers.training.code_usage import batch_code_usage, code_usage
-from qac_diffusers.training.edm_loss import EDMLoss
 from qac_diffusers.training.ema import ema_decay, update_ema
 from qac_diffusers.training.hub import check_hub_access, push_to_hub, without_local_paths, write_model_card
 from qac_diffusers.training.micro_batches import EpochImages, MicroBatchSampler
@@ -81,7 +85,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--code_dim", type=int, help="d, bits of the code (L=2); defaults to the preset's.")
     model.add_argument("--code_levels", type=int, default=2, help="L, levels per code channel.")
     model.add_argument("--straight_through", choices=["sigmoid", "identity"], default="sigmoid")
-    model.add_argument("--no_condition", action="store_true", help="Train the unconditional baseline.")
+    model.add_argument(
+        "--formulation", choices=sorted(FORMULATIONS), default="edm",
+        help="edm: EDM's noise levels, loss and preconditioning (the paper's section 4.3); rectified_flow: straight "
+        "paths from N(0, I) to the data, the UNet predicts the velocity, t ~ U(1e-5, 1) (RNE's objective, the paper's "
+        "sections 3-4.2), sampled with diffusers' FlowMatchEuler/Heun schedulers.",
+    )
+    model.add_argument(
+        "--condition", choices=["fsq", "gaussian", "none"], default="fsq",
+        help="The condition encoder: fsq (quantized codes, QAC), gaussian (a VAE-style condition drawn from N(0, I) "
+        "at sampling, the paper's Table 3) or none (the unconditional baseline).",
+    )
+    model.add_argument(
+        "--no_condition", action="store_const", dest="condition", const="none", help="The same as --condition none."
+    )
+    model.add_argument("--kl_weight", type=float, help="--condition gaussian: the weight of its KL term (default 1).")
+    model.add_argument(
+        "--noise_encoder", choices=["none", "own", "shared"], default="none",
+        help="RNE's noise encoder q(z | x), which couples each image with its noise (the paper's Tables 1 and 5): own "
+        "(its own backbone) or shared (a second head on the condition encoder's backbone, the paper's section 4.2).",
+    )
+    model.add_argument(
+        "--beta", type=float, help=f"--noise_encoder: the weight of its KL term (default {PAPER_BETA:g}, the paper's)."
+    )
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="qac-model")
@@ -102,8 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--adam_epsilon", type=float, default=1e-8)
     train.add_argument("--adam_weight_decay", type=float, default=0.0)
     train.add_argument("--max_grad_norm", type=float, default=1.0)
-    train.add_argument("--P_mean", type=float, default=-1.2)
-    train.add_argument("--P_std", type=float, default=1.2)
+    train.add_argument("--P_mean", type=float, help="EDM: the mean of ln(sigma) in training (default -1.2).")
+    train.add_argument("--P_std", type=float, help="EDM: the std of ln(sigma) in training (default 1.2).")
     train.add_argument("--ema_halflife_kimg", type=float, default=500.0)
     train.add_argument("--ema_rampup_ratio", type=float, default=0.05, help="Negative: no ramp-up.")
     train.add_argument(
@@ -174,8 +200,32 @@ def check_args(args: argparse.Namespace) -> None:
     if args.dataset_name and args.train_data_dir:
         raise ValueError("Give --dataset_name or --train_data_dir, not both.")
     quantizer_flags = args.code_dim is not None or args.straight_through != "sigmoid" or args.code_levels != 2
-    if args.no_condition and quantizer_flags:
-        raise ValueError("--no_condition trains without codes: drop --code_dim, --code_levels and --straight_through.")
+    if args.condition == "none" and quantizer_flags:
+        raise ValueError(
+            "--no_condition trains without codes (--condition none): drop --code_dim, --code_levels and "
+            "--straight_through."
+        )
+    if args.condition == "gaussian" and (args.straight_through != "sigmoid" or args.code_levels != 2):
+        raise ValueError("--code_levels and --straight_through are the FSQ quantizer's: drop them with --condition "
+                         "gaussian (its conditions are continuous).")
+    if args.kl_weight is not None:
+        if args.condition != "gaussian":
+            raise ValueError("--kl_weight weighs the Gaussian condition encoder's KL term: add --condition gaussian.")
+        check_prior_weight("kl_weight", args.kl_weight, "Pass --kl_weight 0 for no prior term.")
+    if args.beta is not None:
+        if args.noise_encoder == "none":
+            raise ValueError("--beta weighs the noise encoder's KL term: add --noise_encoder own (or shared).")
+        check_prior_weight("beta", args.beta, f"RNE's paper uses --beta {PAPER_BETA:g}.")
+    if args.noise_encoder == "shared" and args.condition == "none":
+        raise ValueError(
+            "--noise_encoder shared puts the noise head on the condition encoder's backbone, and --condition none "
+            "has none: use --noise_encoder own, or --condition fsq (or gaussian)."
+        )
+    if args.formulation != "edm" and (args.P_mean is not None or args.P_std is not None):
+        raise ValueError(
+            f"--P_mean and --P_std set EDM's training noise levels; --formulation {args.formulation} draws its own "
+            "(t ~ U(1e-5, 1)): drop them, or train with --formulation edm."
+        )
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "validation_steps",
                  "checkpointing_steps", "num_validation_images", "validation_nfe", "logging_steps"):
         if getattr(args, name) < 1:
@@ -258,7 +308,10 @@ def hub_repo_id(args: argparse.Namespace, accelerator: Accelerator) -> str:
 
 
 def build_models(args: argparse.Namespace, model_config: dict, channels: int):
-    """The QAC UNet (code_dim 0 for the baseline) and its encoder (None for the baseline)."""
+    """
+    The QAC UNet (code_dim 0 for the baseline), its condition encoder (None for the baseline) and the noise encoder
+    (None without --noise_encoder).
+    """
     resolution = model_config["resolution"]
     levels = len(model_config["unet"]["block_out_channels"])
     if resolution % 2 ** (levels - 1):
@@ -266,18 +319,40 @@ def build_models(args: argparse.Namespace, model_config: dict, channels: int):
             f"--resolution {resolution} cannot go through the UNet's {levels} levels: it must be divisible by "
             f"{2 ** (levels - 1)}."
         )
-    code_dim = 0 if args.no_condition else model_config["code_dim"]
+    code_dim = 0 if args.condition == "none" else model_config["code_dim"]
     unet = QACUNet2DModel(
         sample_size=resolution, in_channels=channels, out_channels=channels, **model_config["unet"],
         code_dim=code_dim, code_levels=args.code_levels,
     )
-    if args.no_condition:
-        return unet, None
-    encoder = FSQConditionEncoder.for_unet(
-        unet, code_dim=code_dim, code_levels=args.code_levels, straight_through=args.straight_through,
-        **model_config["encoder"],
-    )
-    return unet, encoder
+    encoder = None
+    if args.condition == "fsq":
+        encoder = FSQConditionEncoder.for_unet(
+            unet, code_dim=code_dim, code_levels=args.code_levels, straight_through=args.straight_through,
+            **model_config["encoder"],
+        )
+    elif args.condition == "gaussian":
+        kl_weight = 1.0 if args.kl_weight is None else args.kl_weight
+        encoder = GaussianConditionEncoder.for_unet(unet, code_dim=code_dim, kl_weight=kl_weight,
+                                                    **model_config["encoder"])
+    beta = PAPER_BETA if args.beta is None else args.beta
+    noise_encoder = None
+    if args.noise_encoder == "own":
+        noise_encoder = NoiseEncoder.for_unet(unet, beta=beta, **model_config["encoder"])
+    elif args.noise_encoder == "shared":
+        noise_encoder = NoiseEncoder.for_encoder(encoder, beta=beta)
+    return unet, encoder, noise_encoder
+
+
+def build_formulation(args: argparse.Namespace):
+    """The formulation of --formulation around its default scheduler; EDM with --P_mean / --P_std."""
+    edm_levels = {"P_mean": args.P_mean, "P_std": args.P_std}
+    kwargs = {key: value for key, value in edm_levels.items() if value is not None}  # refused with RF (check_args)
+    return formulation_from_name(args.formulation, **kwargs)
+
+
+def has_codebook(encoder) -> bool:
+    """Whether a condition encoder has code indices and code weights (FSQ), unlike a Gaussian one (or none)."""
+    return encoder is not None and "code_levels" in encoder.config
 
 
 def step_generator(seed: int, step: int, micro_step: int, device: torch.device) -> torch.Generator:
@@ -316,13 +391,20 @@ class Trainer:
             image_column=args.image_column,
         )
         self.images = EpochImages(dataset, transform)
-        unet, encoder = build_models(args, model_config, channels)
+        unet, encoder, noise_encoder = build_models(args, model_config, channels)
+        if args.noise_encoder == "shared" and accelerator.num_processes > 1:
+            raise ValueError(
+                "--noise_encoder shared runs the condition encoder's backbone outside its DistributedDataParallel "
+                "wrapper, which one process does not need: train it in one process, or use --noise_encoder own."
+            )
         # The EMA copies only sample (validation grids, samples.png) and are saved: eval mode, so without dropout.
+        # The noise encoder has none: sampling draws z ~ N(0, I), and the checkpoints hold its training weights.
         self.ema_unet = deepcopy(unet).requires_grad_(False).eval()
         self.ema_encoder = None if encoder is None else deepcopy(encoder).requires_grad_(False).eval()
-        self.scheduler = IPNDMScheduler()
-        self.loss_fn = EDMLoss(self.scheduler, P_mean=args.P_mean, P_std=args.P_std)
-        self.models = [unet] + ([encoder] if encoder is not None else [])
+        self.formulation = build_formulation(args)
+        named = {"unet": unet, "encoder": encoder, "noise_encoder": noise_encoder}
+        self.model_names = [name for name, model in named.items() if model is not None]
+        self.models = [named[name] for name in self.model_names]
         if args.channels_last:  # the EMA copies, copied before, keep the default format: they are saved and sample
             for model in self.models:
                 model.to(memory_format=torch.channels_last)
@@ -354,13 +436,20 @@ class Trainer:
         self.last_facts = None  # what `log` recorded at the last step
         self.metrics_file = self.output_dir / args.logging_dir / METRICS_NAME
 
+    def _model(self, name: str):
+        return self.models[self.model_names.index(name)] if name in self.model_names else None
+
     @property
     def unet(self):
-        return self.models[0]
+        return self._model("unet")
 
     @property
     def encoder(self):
-        return self.models[1] if len(self.models) > 1 else None
+        return self._model("encoder")
+
+    @property
+    def noise_encoder(self):
+        return self._model("noise_encoder")
 
     # ----- checkpoints (qac_diffusers/training/checkpoints.py) ---------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -381,21 +470,47 @@ class Trainer:
     # ----- training ----------------------------------------------------------------------------------------------
     def micro_batch_loss(self, images: torch.Tensor, micro_step: int):
         """
-        The EDM loss of one micro-batch, and its code indices and pre-quantized codes gathered over all processes
-        (None for the baseline).
+        The loss of one micro-batch (the formulation's, plus the encoders' KL terms), and its code indices and
+        pre-quantized codes gathered over all processes (None without an FSQ encoder).
         """
         accelerator = self.accelerator
         global_shape = (images.shape[0] * accelerator.num_processes, *images.shape[1:])
         generator = step_generator(self.args.seed, self.global_step, micro_step, accelerator.device)
-        sigma, noise = self.loss_fn.sample_noise(global_shape, generator)
-        sigma, noise = (process_slice(t, accelerator, images.shape[0]) for t in (sigma, noise))
+        levels, noise = self.formulation.sample_noise(global_shape, generator)
+        levels, noise = (process_slice(t, accelerator, images.shape[0]) for t in (levels, noise))
+        encoded, coupled = self.encode(images, noise, generator)
         code, indices, pre_quantized = None, None, None
-        if self.encoder is not None:
-            encoded = self.encoder(images)
-            code, indices = encoded.codes, accelerator.gather(encoded.indices)
+        if encoded is not None:
+            code = encoded.codes
+        if has_codebook(self.ema_encoder):
+            indices = accelerator.gather(encoded.indices)
             pre_quantized = accelerator.gather(encoded.pre_quantized.detach())
-        loss = self.loss_fn(self.unet, images, sigma, noise, code=code)
+        if coupled is not None:  # RNE: the noise coupled with each image, z = mean + std * n
+            noise = coupled.noise
+        loss = self.formulation.loss(self.unet, images, levels, noise, code=code)
+        for output in (encoded, coupled):
+            if output is not None and "prior_loss" in output:
+                loss = loss + output.prior_loss
         return loss, indices, pre_quantized
+
+    def encode(self, images: torch.Tensor, noise: torch.Tensor, generator: torch.Generator):
+        """
+        The condition encoder's and the noise encoder's outputs on a micro-batch (`None` for a missing one). The unit
+        noise of a Gaussian condition is drawn after the formulation's draws, for the global batch (as they are), so
+        the other runs draw what they drew before; the noise encoder reparameterizes the formulation's `noise`.
+        """
+        code_kwargs = {}
+        if isinstance(self.ema_encoder, GaussianConditionEncoder):
+            global_shape = (images.shape[0] * self.accelerator.num_processes, self.ema_encoder.config.code_dim)
+            unit = torch.randn(global_shape, generator=generator, device=generator.device)
+            code_kwargs = {"sample_posterior": True, "noise": process_slice(unit, self.accelerator, images.shape[0])}
+        if self.args.noise_encoder == "shared":
+            unwrap = self.accelerator.unwrap_model
+            return encode_jointly(unwrap(self.encoder), unwrap(self.noise_encoder), images, noise=noise,
+                                  code_head_kwargs=code_kwargs)
+        encoded = None if self.encoder is None else self.encoder(images, **code_kwargs)
+        coupled = None if self.noise_encoder is None else self.noise_encoder(images, noise=noise)
+        return encoded, coupled
 
     def optimizer_step_done(self, indices: list[torch.Tensor]) -> float:
         """After an optimizer step: the parameter EMA and the code weights, with one decay mu."""
@@ -405,6 +520,7 @@ class Trainer:
         update_ema(self.ema_unet, self.accelerator.unwrap_model(self.unet), decay)
         if self.ema_encoder is not None:
             update_ema(self.ema_encoder, self.accelerator.unwrap_model(self.encoder), decay)
+        if indices:
             self.ema_encoder.update_code_weights(torch.cat(indices), decay)
         return decay
 
@@ -504,7 +620,10 @@ class Trainer:
                 file.write(json.dumps(facts) + "\n")
 
     def pipeline(self) -> QACPipeline:
-        pipeline = QACPipeline(unet=self.ema_unet, scheduler=self.scheduler, encoder=self.ema_encoder)
+        pipeline = QACPipeline(
+            unet=self.ema_unet, scheduler=self.formulation.scheduler, encoder=self.ema_encoder,
+            formulation=self.args.formulation,
+        )
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
@@ -527,7 +646,7 @@ class Trainer:
         folder = self.output_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"step-{self.global_step:07d}.png")
-        usage = {} if self.ema_encoder is None else code_usage(self.ema_encoder.code_weights)
+        usage = code_usage(self.ema_encoder.code_weights) if has_codebook(self.ema_encoder) else {}
         self.accelerator.log({f"code_weights/{key}": value for key, value in usage.items()}, step=self.global_step)
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
@@ -549,6 +668,12 @@ class Trainer:
         fit cost, beside the training time of this run, for training_summary.json.
         """
         if not self.args.fit_schedule_nfe:
+            return None
+        if not isinstance(pipeline.scheduler, IPNDMScheduler):
+            logger.info(
+                "Sampling schedules are not fitted: the fit is IPNDMScheduler's (EDM), and this "
+                f"{self.args.formulation} model samples with {type(pipeline.scheduler).__name__}."
+            )
             return None
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(self.args.seed)
@@ -573,7 +698,7 @@ class Trainer:
         args = self.args
         # The facts of the step these weights come from (kept in the checkpoint when a resumed run trained nothing)
         facts = {**self.last_facts, "processes_in_sync": in_sync}
-        usage = None if self.ema_encoder is None else code_usage(self.ema_encoder.code_weights)
+        usage = code_usage(self.ema_encoder.code_weights) if has_codebook(self.ema_encoder) else None
         last_checkpoint = self.output_dir / f"{CHECKPOINT_PREFIX}{self.saved_step}"
         pipeline = self.pipeline()
         schedule_fit = self.fit_schedules(pipeline, training_seconds)
@@ -587,6 +712,7 @@ class Trainer:
         write_model_card(
             self.output_dir, repo_id=repo_id, dataset_name=dataset_name, training_config=training_config,
             code_usage=usage, training_facts=card_facts, is_baseline=self.ema_encoder is None,
+            has_codebook=self.ema_encoder is None or has_codebook(self.ema_encoder),
         )
         print(f"Saved the pipeline, samples.png and README.md in {self.output_dir}")
         if usage is not None:
@@ -645,6 +771,8 @@ def main(argv: list[str] | None = None) -> None:
         check_resumable(checkpoint, trainer.resume_config, args.max_train_steps)
     public_args = {key: value for key, value in vars(args).items() if key != "hub_token"}  # never write the token
     local_dataset = args.dataset_name is not None and os.path.isdir(args.dataset_name)
+    noise_encoder = trainer.noise_encoder  # counted by hand: it may be wrapped by DistributedDataParallel
+    noise_encoder_parameters = 0 if noise_encoder is None else sum(p.numel() for p in noise_encoder.parameters())
     # One public form, written to training_config.json and shown in the card: no token, no path of this machine.
     training_config = without_local_paths({
         "args": public_args,
@@ -654,7 +782,8 @@ def main(argv: list[str] | None = None) -> None:
         "num_processes": accelerator.num_processes,
         "global_batch": trainer.global_batch,
         "parameters": {"unet": trainer.ema_unet.num_parameters(),
-                       "encoder": 0 if trainer.ema_encoder is None else trainer.ema_encoder.num_parameters()},
+                       "encoder": 0 if trainer.ema_encoder is None else trainer.ema_encoder.num_parameters(),
+                       "noise_encoder": noise_encoder_parameters},
     }, path_keys=PATH_ARGS + (("dataset_name",) if local_dataset else ()))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

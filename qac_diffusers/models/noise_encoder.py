@@ -196,7 +196,7 @@ def encode_jointly(
     images: torch.Tensor,
     generator: torch.Generator | list[torch.Generator] | None = None,
     noise: torch.Tensor | None = None,
-    **code_head_kwargs,
+    code_head_kwargs: dict | None = None,
 ) -> tuple[BaseOutput, NoiseEncoderOutput]:
     """
     QAC and RNE on one backbone (paper section 4.2): one pass of the condition encoder's backbone, read by its code
@@ -208,8 +208,9 @@ def encode_jointly(
         images (`torch.Tensor` of shape `(batch_size, in_channels, sample_size, sample_size)`): Clean images.
         generator (`torch.Generator` or a list of them, *optional*), noise (`torch.Tensor`, *optional*): The unit
             noise of the noise head, or what draws it (see [`NoiseEncoder.forward`]).
-        code_head_kwargs: Passed to the condition encoder's `code_head` (e.g. `generator=..., sample_posterior=True`
-            for a [`GaussianConditionEncoder`] in training).
+        code_head_kwargs (`dict`, *optional*): Passed to the condition encoder's `code_head` (e.g.
+            `{"sample_posterior": True, "noise": unit_noise}` for a [`GaussianConditionEncoder`] in training): a
+            dict, since that head takes a `noise` of its own.
 
     Returns:
         `tuple` `(condition_output, noise_output)`: what `condition_encoder(images)` and a noise encoder with its own
@@ -231,7 +232,8 @@ def encode_jointly(
             f"in {mismatched}. Build it with `NoiseEncoder.for_encoder(condition_encoder)`."
         )
     pooled, skips = condition_encoder.down_path(images)
-    return condition_encoder.code_head(pooled, **code_head_kwargs), noise_encoder.noise_head(skips, generator, noise)
+    code_head = condition_encoder.code_head(pooled, **(code_head_kwargs or {}))
+    return code_head, noise_encoder.noise_head(skips, generator, noise)
 
 
 def _as_tuple(value) -> tuple:

@@ -23,7 +23,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
-from ..models import FSQConditionEncoder, QACUNet2DModel
+from ..models import FSQConditionEncoder, GaussianConditionEncoder, NoiseEncoder, QACUNet2DModel
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -216,7 +216,9 @@ def check_resumable(checkpoint: Path, config: dict, max_train_steps: int) -> Non
 
 # ----- writing and reading -------------------------------------------------------------------------------------------
 def _component_name(model) -> str:
-    return "encoder" if isinstance(model, FSQConditionEncoder) else "unet"
+    if isinstance(model, NoiseEncoder):
+        return "noise_encoder"
+    return "encoder" if isinstance(model, (FSQConditionEncoder, GaussianConditionEncoder)) else "unet"
 
 
 def register_checkpoint_hooks(
@@ -240,7 +242,7 @@ def register_checkpoint_hooks(
             model.load_state_dict(loaded.state_dict())
         ema_unet.load_state_dict(QACUNet2DModel.from_pretrained(input_dir, subfolder="unet_ema").state_dict())
         if ema_encoder is not None:
-            loaded = FSQConditionEncoder.from_pretrained(input_dir, subfolder="encoder_ema")
+            loaded = type(ema_encoder).from_pretrained(input_dir, subfolder="encoder_ema")
             ema_encoder.load_state_dict(loaded.state_dict())
 
     accelerator.register_save_state_pre_hook(save_models)

@@ -98,11 +98,11 @@ def _check_keys(name: str, values: dict, required: tuple[str, ...]) -> None:
 
 
 def _check_card_inputs(
-    code_usage: dict | None, training_facts: dict, sample_grid: str | None, is_baseline: bool
+    code_usage: dict | None, training_facts: dict, sample_grid: str | None, is_baseline: bool, has_codebook: bool
 ) -> None:
     if is_baseline and code_usage is not None:
         raise ValueError("A baseline has no codes: pass `code_usage=None` with `is_baseline=True`.")
-    if not is_baseline and code_usage is None:
+    if not is_baseline and has_codebook and code_usage is None:
         raise ValueError(
             "A QAC model's card shows its code usage: pass `code_usage=code_usage(pipeline.encoder.code_weights)`, "
             "or `is_baseline=True` for a pipeline without encoder."
@@ -137,6 +137,7 @@ def write_model_card(
     sample_grid: str | None = "samples.png",
     license: str = "apache-2.0",
     is_baseline: bool = False,
+    has_codebook: bool = True,
     template_path: str | os.PathLike | None = None,
 ) -> Path:
     r"""
@@ -165,6 +166,9 @@ def write_model_card(
             The license in the card's metadata.
         is_baseline (`bool`, *optional*, defaults to `False`):
             Whether the pipeline is the unconditional baseline (no encoder); adds the `baseline` tag.
+        has_codebook (`bool`, *optional*, defaults to `True`):
+            Whether the encoder has code weights (FSQ); `False` for a Gaussian condition encoder, whose card shows no
+            code usage.
         template_path (`str` or `os.PathLike`, *optional*):
             A Jinja template to render instead of [`default_template_path`].
 
@@ -177,7 +181,7 @@ def write_model_card(
         `sample_grid` is not a top-level PNG file name.
     """
     output_dir = _check_output_dir(output_dir)
-    _check_card_inputs(code_usage, training_facts, sample_grid, is_baseline)
+    _check_card_inputs(code_usage, training_facts, sample_grid, is_baseline, has_codebook)
     dataset = _dataset_fields(dataset_name)
     card_data = ModelCardData(
         license=license,

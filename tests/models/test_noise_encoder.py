@@ -69,6 +69,22 @@ def test_qac_and_rne_share_one_backbone_with_two_heads():
     assert condition_encoder.conv_in.weight.grad.abs().sum() > 0
 
 
+def test_a_gaussian_condition_and_the_noise_head_each_take_their_own_unit_noise():
+    from qac_diffusers.models import GaussianConditionEncoder
+
+    unet, _ = make_tiny_models()
+    condition_encoder = GaussianConditionEncoder.for_unet(unet, code_dim=6)
+    head = NoiseEncoder.for_encoder(condition_encoder)
+    code_noise, pixel_noise = torch.randn((3, 6), generator=seeded(1)), torch.randn(SHAPE, generator=seeded(2))
+    codes, noise = encode_jointly(
+        condition_encoder, head, images(), noise=pixel_noise,
+        code_head_kwargs={"sample_posterior": True, "noise": code_noise},
+    )
+    alone = condition_encoder(images(), sample_posterior=True, noise=code_noise)
+    torch.testing.assert_close(codes.codes, alone.codes, rtol=0, atol=0)
+    torch.testing.assert_close(noise.noise, pixel_noise, rtol=0, atol=0)  # a fresh head: z = n
+
+
 def test_a_shared_noise_head_is_not_run_alone():
     _, condition_encoder = make_tiny_models()
     head = NoiseEncoder.for_encoder(condition_encoder)
