@@ -1,7 +1,9 @@
 """One pipeline for both formulations (issue 9): rectified flow and Gaussian conditions through QACPipeline."""
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +227,41 @@ def test_rectified_flow_denoiser_and_metrics():
     assert math.isfinite(curvature) and curvature >= 0 and math.isfinite(loss) and loss > 0
     gaussian = make_rf_pipeline(encoder="gaussian")
     assert math.isfinite(pipeline_curvature(gaussian, num_samples=2, num_steps=2, generator=seeded()))
+
+
+
+def load_generate_script():
+    path = Path(__file__).resolve().parents[2] / "pipelines" / "generate.py"
+    spec = importlib.util.spec_from_file_location("generate_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generate_script_samples_rectified_flow_with_its_solvers(rf_pipe, tmp_path, capsys):
+    generate = load_generate_script()
+    rf_pipe.save_pretrained(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--num_images", "2", "--device", "cpu"]
+    generate.main([*common, "--scheduler", "heun", "--steps", "3", "--out", str(tmp_path / "heun.png")])
+    assert "(3 NFE, heun)" in capsys.readouterr().out and (tmp_path / "heun.png").is_file()
+    generate.main([*common, "--scheduler", "rk45", "--out", str(tmp_path / "rk45.png")])
+    nfe = int(capsys.readouterr().out.split("(")[1].split(" NFE")[0])
+    assert nfe > 3 and (tmp_path / "rk45.png").is_file()
+    with pytest.raises(ValueError, match="Unknown rectified-flow solver 'ipndm'"):
+        generate.main([*common, "--scheduler", "ipndm"])
+
+
+def test_rectified_flow_loads_through_the_loopback_hub(rf_pipe, fake_hub, tmp_path):
+    from huggingface_hub import HfApi
+
+    rf_pipe.save_pretrained(tmp_path)
+    api = HfApi()
+    repo_id = api.create_repo("tiny-rf").repo_id
+    api.upload_folder(repo_id=repo_id, folder_path=tmp_path)
+    online = QACPipeline.from_pretrained(repo_id)
+    online.set_progress_bar_config(disable=True)
+    assert online.config.formulation == "rectified_flow"
+    assert torch.equal(
+        online(batch_size=2, num_inference_steps=3, generator=seeded(), output_type="pt").images,
+        rf_pipe(batch_size=2, num_inference_steps=3, generator=seeded(), output_type="pt").images,
+    )
