@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from qac_diffusers import FSQConditionEncoder, IPNDMScheduler, QACPipeline, QACUNet2DModel
 from qac_diffusers.formulations import FORMULATIONS, formulation_from_name
+from qac_diffusers.formulations.edm import EDM_P_MEAN, EDM_P_STD
 from qac_diffusers.models import GaussianConditionEncoder, NoiseEncoder, encode_jointly
 from qac_diffusers.models.gaussian_condition_encoder import check_prior_weight
 from qac_diffusers.models.noise_encoder import PAPER_BETA
@@ -128,8 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--adam_epsilon", type=float, default=1e-8)
     train.add_argument("--adam_weight_decay", type=float, default=0.0)
     train.add_argument("--max_grad_norm", type=float, default=1.0)
-    train.add_argument("--P_mean", type=float, help="EDM: the mean of ln(sigma) in training (default -1.2).")
-    train.add_argument("--P_std", type=float, help="EDM: the std of ln(sigma) in training (default 1.2).")
+    train.add_argument("--P_mean", type=float, help=f"EDM: the mean of ln(sigma) in training (default {EDM_P_MEAN}).")
+    train.add_argument("--P_std", type=float, help=f"EDM: the std of ln(sigma) in training (default {EDM_P_STD}).")
     train.add_argument("--ema_halflife_kimg", type=float, default=500.0)
     train.add_argument("--ema_rampup_ratio", type=float, default=0.05, help="Negative: no ramp-up.")
     train.add_argument(
@@ -343,10 +344,17 @@ def build_models(args: argparse.Namespace, model_config: dict, channels: int):
     return unet, encoder, noise_encoder
 
 
+def resolve_edm_levels(args: argparse.Namespace) -> None:
+    """EDM's --P_mean / --P_std defaults filled in, so that training_config.json shows the levels trained with."""
+    if args.formulation == "edm":
+        args.P_mean = EDM_P_MEAN if args.P_mean is None else args.P_mean
+        args.P_std = EDM_P_STD if args.P_std is None else args.P_std
+
+
 def build_formulation(args: argparse.Namespace):
     """The formulation of --formulation around its default scheduler; EDM with --P_mean / --P_std."""
     edm_levels = {"P_mean": args.P_mean, "P_std": args.P_std}
-    kwargs = {key: value for key, value in edm_levels.items() if value is not None}  # refused with RF (check_args)
+    kwargs = {key: value for key, value in edm_levels.items() if value is not None}  # None unless EDM (check_args)
     return formulation_from_name(args.formulation, **kwargs)
 
 
@@ -732,6 +740,7 @@ class Trainer:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_args(args)
+    resolve_edm_levels(args)
     model_config = resolve_model_config(args.preset, args.model_config)
     if args.resolution is not None:
         model_config["resolution"] = args.resolution
@@ -798,7 +807,12 @@ def main(argv: list[str] | None = None) -> None:
         remove_previous_run(previous_run)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and args.report_to != "none":
-        tracker_config = {key: value for key, value in training_config["args"].items() if value is not None}
+        # Trackers take scalars and strings only (TensorBoard's hparams refuses lists such as --fit_schedule_nfe)
+        tracker_config = {
+            key: " ".join(map(str, value)) if isinstance(value, list) else value
+            for key, value in training_config["args"].items()
+            if value is not None
+        }
         accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config)
 
     started = time.perf_counter()

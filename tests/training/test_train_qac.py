@@ -294,7 +294,7 @@ def test_tensorboard_logs_losses_code_usage_and_sample_grids(tmp_path):
 
     train_qac.main(["--output_dir", str(tmp_path), "--train_batch_size", "512", "--max_train_steps", "2",
                     "--validation_steps", "2", "--num_validation_images", "4", "--report_to", "tensorboard",
-                    "--fit_schedule_nfe"])
+                    "--fit_schedule_nfe", "1"])  # a list-valued flag, which TensorBoard's hparams would refuse
     events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     assert {"loss", "lr", "batch_distinct_codes", "code_weights/entropy_bits"} <= set(events.Tags()["scalars"])
