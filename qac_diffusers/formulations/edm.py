@@ -12,6 +12,10 @@ from ..training.edm_loss import EDMLoss
 from .base import Formulation
 
 
+# EDM's training distribution of ln(sigma) (Karras et al. 2022, Table 1): N(-1.2, 1.2^2).
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2
+
+
 class EDMFormulation(Formulation):
     r"""
     x_sigma = x0 + sigma * n with ln(sigma) ~ N(P_mean, P_std^2), the preconditioned denoiser D of [`edm_denoise`] and
@@ -30,7 +34,7 @@ class EDMFormulation(Formulation):
         "qac_diffusers.schedulers.solver_from_config('ipndm', pipe.scheduler.config)`."
     )
 
-    def __init__(self, scheduler: SchedulerMixin | None = None, P_mean: float = -1.2, P_std: float = 1.2):
+    def __init__(self, scheduler: SchedulerMixin | None = None, P_mean: float = EDM_P_MEAN, P_std: float = EDM_P_STD):
         super().__init__(IPNDMScheduler() if scheduler is None else scheduler)
         # EDMLoss noises with IPNDMScheduler.add_noise(sigmas=...), which diffusers' EDM schedulers lack; the
         # preconditioning is the same for all of them given sigma_data.

@@ -120,3 +120,11 @@ def test_edm_still_fits_its_schedules_and_uses_ipndm(tmp_path):
     pipe = reload_and_sample(tmp_path)
     assert pipe.config.formulation == "edm" and isinstance(pipe.scheduler, IPNDMScheduler)
     assert json.loads((tmp_path / "training_summary.json").read_text())["schedule_fit"]["nfe"] == [3]
+
+
+@pytest.mark.parametrize("formulation, levels", [("edm", [-1.2, 1.2]), ("rectified_flow", [None, None])])
+def test_the_resolved_config_shows_the_noise_levels_trained_with(tmp_path, formulation, levels):
+    train(tmp_path, "--dry_run", "--formulation", formulation, "--noise_encoder", "own")
+    config = json.loads((tmp_path / "training_config.json").read_text())
+    assert [config["args"]["P_mean"], config["args"]["P_std"]] == levels
+    assert config["args"]["condition"] == "fsq" and 0 < config["parameters"]["noise_encoder"]
