@@ -821,6 +821,9 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.wait_for_everyone()
     dataset_name = args.dataset_name or args.train_data_dir or "digits"
     trainer.save_final(dataset_name, training_config, repo_id, training_seconds)
+    # end_training destroys the process group: the other processes wait here until the main one has saved, or the
+    # gloo teardown can hang the main process at exit
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
