@@ -48,11 +48,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num_samples", type=int, default=2000)
     parser.add_argument("--work_dir", default=str(few_step.REPO_ROOT / "benchmarks" / "work"))
     parser.add_argument("--results_dir", default=str(few_step.REPO_ROOT / "benchmarks" / "results"))
-    args = parser.parse_args()
-    # The settings of few_step_quality.py's digits models, which this benchmark reuses.
-    defaults = {"dataset": "digits", "preset": "tiny", "resolution": None, "models": ["baseline", "qac"],
-                "max_train_steps": 2500, "train_batch_size": 128, "holdout_fraction": 0.3}
-    return argparse.Namespace(**defaults, **vars(args))
+    # few_step_quality.py's settings (data, preset, steps, checkpoints) for the digits models this benchmark reuses
+    # or trains, with this benchmark's own options over them
+    training = vars(few_step.build_parser().parse_args([]))
+    return argparse.Namespace(**{**training, **vars(parser.parse_args())})
 
 
 def fitted_scheduler(model_dir: Path, pipe: QACPipeline, seed: int) -> IPNDMScheduler:
