@@ -670,7 +670,7 @@ class Trainer:
         checksums = self.accelerator.gather(checksum)
         return bool((checksums == checksums[0]).all())
 
-    def fit_schedules(self, pipeline: QACPipeline, training_seconds: float) -> dict | None:
+    def fit_sampling_schedules(self, pipeline: QACPipeline, training_seconds: float) -> dict | None:
         """
         Fit the pipeline's sampling schedules at `--fit_schedule_nfe` (its scheduler is replaced); returns what the
         fit cost, beside the training time of this run, for training_summary.json.
@@ -709,7 +709,7 @@ class Trainer:
         usage = code_usage(self.ema_encoder.code_weights) if has_codebook(self.ema_encoder) else None
         last_checkpoint = self.output_dir / f"{CHECKPOINT_PREFIX}{self.saved_step}"
         pipeline = self.pipeline()
-        schedule_fit = self.fit_schedules(pipeline, training_seconds)
+        schedule_fit = self.fit_sampling_schedules(pipeline, training_seconds)
         with explained_write_failure("the final pipeline", self.output_dir, last_checkpoint, remove=False):
             pipeline.save_pretrained(self.output_dir)
             self.sample_grid(pipeline).save(self.output_dir / "samples.png")
