@@ -116,32 +116,44 @@ def cached(model_dir: Path, key: str, measure, *args):
 
 
 def train_models(args: argparse.Namespace, data_folder: Path, work_dir: Path) -> dict:
-    """Train (or reuse) every (model, seed); returns the training seconds and images/s of each."""
+    """Train (or reuse) every (model, seed); returns the training images/s of each."""
     timings = {}
     for seed in args.seeds:
         for model in args.models:
             output_dir = work_dir / f"{model}-seed{seed}"
-            if not (output_dir / "model_index.json").is_file():
-                command = [
-                    sys.executable, str(REPO_ROOT / "train_qac.py"), "--train_data_dir", str(data_folder),
-                    "--output_dir", str(output_dir), "--seed", str(seed), "--preset", args.preset,
-                    "--max_train_steps", str(args.max_train_steps), "--train_batch_size", str(args.train_batch_size),
-                    "--report_to", "none", "--validation_steps", str(args.max_train_steps),
-                    "--checkpointing_steps", str(args.checkpointing_steps or args.max_train_steps),
-                    "--checkpoints_total_limit", "1",
-                    "--fit_schedule_nfe",  # no fitted schedules: the solvers here run on the Karras schedule
-                ]
-                command += ["--resolution", str(args.resolution)] if args.resolution else []
-                command += resume_flags(output_dir)
-                command += MODEL_FLAGS[model]
-                print(f"Training {output_dir.name} ...", flush=True)
-                started = time.perf_counter()
-                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-                (output_dir / "benchmark_training_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}")
-            lines = (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()
-            images_per_second = np.median([json.loads(line)["images_per_second"] for line in lines])
-            timings[f"{model}-seed{seed}"] = {"images_per_second": float(images_per_second)}
+            train_model(args, data_folder, output_dir, seed, MODEL_FLAGS[model])
+            timings[f"{model}-seed{seed}"] = {"images_per_second": images_per_second(output_dir)}
     return timings
+
+
+def train_model(
+    args: argparse.Namespace, data_folder: Path, output_dir: Path, seed: int, model_flags: list[str], env=None
+) -> None:
+    """One train_qac.py run with this benchmark's training settings and `model_flags`, unless already trained."""
+    if (output_dir / "model_index.json").is_file():
+        return
+    command = [
+        sys.executable, str(REPO_ROOT / "train_qac.py"), "--train_data_dir", str(data_folder),
+        "--output_dir", str(output_dir), "--seed", str(seed), "--preset", args.preset,
+        "--max_train_steps", str(args.max_train_steps), "--train_batch_size", str(args.train_batch_size),
+        "--report_to", "none", "--validation_steps", str(args.max_train_steps),
+        "--checkpointing_steps", str(args.checkpointing_steps or args.max_train_steps),
+        "--checkpoints_total_limit", "1",
+        "--fit_schedule_nfe",  # no fitted schedules: the solvers here run on the Karras schedule
+    ]
+    command += ["--resolution", str(args.resolution)] if args.resolution else []
+    command += resume_flags(output_dir)
+    command += model_flags
+    print(f"Training {output_dir.name} ...", flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
+    (output_dir / "benchmark_training_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}")
+
+
+def images_per_second(output_dir: Path) -> float:
+    """The median training images/s of a trained model, from its logs."""
+    lines = (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    return float(np.median([json.loads(line)["images_per_second"] for line in lines]))
 
 
 def resume_flags(output_dir: Path) -> list[str]:
