@@ -31,6 +31,20 @@ TRAINING_FACT_KEYS = ("steps", "images_seen", "final_loss")
 # being written) excluded. Anything else (checkpoint-*, logs/, temporary folders, optimizer states) stays local.
 UPLOADED_SUFFIXES = (".png", ".json", ".py")
 CARD_NAME = "README.md"
+# What the card says of each formulation, the `formulation` that model_index.json records.
+FORMULATION_CARD_FIELDS = {
+    "edm": {
+        "loss_name": "EDM loss",
+        "denoiser_name": "an EDM-preconditioned UNet",
+        "sampler_note": "iPNDM with the analytical first step",
+    },
+    "rectified_flow": {
+        "loss_name": "rectified-flow loss",
+        "denoiser_name": "a UNet that predicts the velocity of rectified flow",
+        "sampler_note": 'N Euler steps of 1 / N; for Heun, set `pipe.scheduler = pipe.formulation.solver("heun")` and '
+        "pass an odd NFE",
+    },
+}
 # Uploaded files not searched for private strings before an upload: weights, large and never holding text.
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 TOKENS_URL = "https://huggingface.co/settings/tokens"
@@ -199,12 +213,21 @@ def write_model_card(
         training_facts=training_facts,
         code_usage=code_usage,
         diffusers_version=diffusers.__version__,  # that of the code save_pretrained ships
+        has_codebook=has_codebook,
+        **_pipeline_fields(output_dir),
         training_config_json=json.dumps(without_local_paths(training_config), indent=2, default=str),
         **dataset,
     )
     card_path = output_dir / CARD_NAME
     card.save(card_path)
     return card_path
+
+
+def _pipeline_fields(output_dir: Path) -> dict[str, str]:
+    """The card's words for the saved pipeline's formulation and scheduler, read from its model_index.json."""
+    model_index = json.loads((output_dir / "model_index.json").read_text())
+    formulation = model_index.get("formulation", "edm")
+    return {"scheduler_name": model_index["scheduler"][1], **FORMULATION_CARD_FIELDS[formulation]}
 
 
 def _is_uploaded_file(path: Path) -> bool:

@@ -9,11 +9,13 @@ import PIL.Image
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from diffusers import FlowMatchEulerDiscreteScheduler
 from huggingface_hub import ModelCard
 
 import hub_server
-from conftest import make_tiny_pipeline
+from conftest import make_tiny_models, make_tiny_pipeline
 from qac_diffusers import QACPipeline
+from qac_diffusers.models import GaussianConditionEncoder
 from qac_diffusers.training.code_usage import code_usage
 from qac_diffusers.training.hub import check_hub_access, push_to_hub, without_local_paths, write_model_card
 
@@ -75,13 +77,15 @@ def shipped_code(output_dir: Path) -> set[str]:
 
 
 def write_card(output_dir: Path, pipe: QACPipeline, **kwargs) -> Path:
+    has_codebook = hasattr(pipe.encoder, "code_weights")  # FSQ; not a Gaussian encoder nor the baseline
     arguments = {
         "repo_id": "fake-user/tiny-qac",
         "dataset_name": "uoft-cs/cifar10",
         "training_config": TRAINING_CONFIG,
-        "code_usage": code_usage(pipe.encoder.code_weights) if pipe.encoder is not None else None,
+        "code_usage": code_usage(pipe.encoder.code_weights) if has_codebook else None,
         "training_facts": TRAINING_FACTS,
         "is_baseline": pipe.encoder is None,
+        "has_codebook": has_codebook or pipe.encoder is None,
     }
     return write_model_card(output_dir, **{**arguments, **kwargs})
 
@@ -138,6 +142,22 @@ def test_qac_card_metadata_and_contents(tmp_path):
 
     card = ModelCard.load(write_card(output_dir, pipe, license="mit"))
     assert card.data.license == "mit"
+
+
+def test_card_names_the_formulation_the_condition_and_the_scheduler(tmp_path):
+    edm = make_tiny_pipeline()
+    edm_card = ModelCard.load(write_card(save_training_run(edm, tmp_path / "edm"), edm))
+    assert "**quantized adaptive\nconditions**" in edm_card.text and "(an EDM-preconditioned UNet)" in edm_card.text
+    assert "with the saved `IPNDMScheduler` (iPNDM with the analytical first step)." in edm_card.text
+
+    unet, _ = make_tiny_models(code_dim=6)
+    encoder = GaussianConditionEncoder.for_unet(unet, code_dim=6)
+    flow = QACPipeline(unet, FlowMatchEulerDiscreteScheduler(), encoder, formulation="rectified_flow")
+    flow_card = ModelCard.load(write_card(save_training_run(flow, tmp_path / "flow"), flow))
+    assert "**adaptive\nconditions**" in flow_card.text and "Gaussian condition" in flow_card.text
+    assert "(a UNet that predicts the velocity of rectified flow)" in flow_card.text
+    assert "with the saved `FlowMatchEulerDiscreteScheduler` (N Euler steps of 1 / N;" in flow_card.text
+    assert "EDM" not in flow_card.text and "iPNDM" not in flow_card.text and "Code usage" not in flow_card.text
 
 
 def test_card_shows_no_absolute_path(tmp_path):
