@@ -173,6 +173,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="After training, fit the sampling schedule to the model at these NFE (pipelines/fit_schedule.py); "
         "pass the flag without values to keep the Karras schedule.",
     )
+    logs.add_argument(
+        "--fit_schedule_samples", type=int, default=256,
+        help="Noise draws the fitted schedules are compared on: more cost more and make the choice less noisy.",
+    )
     logs.add_argument("--checkpointing_steps", type=int, default=1000)
     logs.add_argument("--checkpoints_total_limit", type=int)
     logs.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder.")
@@ -228,7 +232,8 @@ def check_args(args: argparse.Namespace) -> None:
             "(t ~ U(1e-5, 1)): drop them, or train with --formulation edm."
         )
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "validation_steps",
-                 "checkpointing_steps", "num_validation_images", "validation_nfe", "logging_steps"):
+                 "checkpointing_steps", "num_validation_images", "validation_nfe", "logging_steps",
+                 "fit_schedule_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.fit_schedule_nfe:
@@ -685,7 +690,9 @@ class Trainer:
             return None
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(self.args.seed)
-        fit = fit_schedules(pipeline, self.args.fit_schedule_nfe, generator=generator)
+        fit = fit_schedules(
+            pipeline, self.args.fit_schedule_nfe, num_samples=self.args.fit_schedule_samples, generator=generator
+        )
         pipeline.scheduler = fit.scheduler
         seconds = time.perf_counter() - started
         print(f"Fitted the sampling schedules at NFE {sorted(fit.fitted_distances)} in {seconds:.1f} s "
