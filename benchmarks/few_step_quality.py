@@ -227,12 +227,16 @@ def straightness(args, work_dir: Path, heldout_images: torch.Tensor) -> dict:
     return results
 
 
-def measure_straightness(args, model_dir: Path, heldout_images: torch.Tensor, seed: int) -> tuple[float, float]:
-    """Curvature and L_CFM of one model, with the same generator for both."""
+def measure_straightness(
+    args, model_dir: Path, heldout_images: torch.Tensor, seed: int, noise_encoder=None
+) -> tuple[float, float]:
+    """Curvature and L_CFM of one model, with the same generator for both; L_CFM under `noise_encoder`'s coupling."""
     pipe = QACPipeline.from_pretrained(model_dir)
     generator = torch.Generator().manual_seed(2000 + seed)
     curvature = pipeline_curvature(pipe, args.curvature_samples, args.curvature_steps, generator=generator)
-    loss = pipeline_conditional_flow_matching_loss(pipe, heldout_images, generator=generator, num_draws=4)
+    loss = pipeline_conditional_flow_matching_loss(
+        pipe, heldout_images, generator=generator, num_draws=4, noise_encoder=noise_encoder
+    )
     return curvature, loss
 
 

@@ -20,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 
 if TYPE_CHECKING:
+    from ..models import NoiseEncoder
     from ..pipelines import QACPipeline
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -112,6 +113,7 @@ def conditional_flow_matching_loss(
     generator: torch.Generator | None = None,
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
+    noise_encoder: "NoiseEncoder | None" = None,
 ) -> torch.Tensor:
     r"""
     One Monte Carlo draw of the conditional flow-matching loss L_CFM of paper eq. (12) and Table 1, per image.
@@ -137,6 +139,9 @@ def conditional_flow_matching_loss(
             device are those of the computation.
         generator (`torch.Generator`, *optional*): The random source of t and X_1 (t first, then X_1).
         sigma_min (`float`, defaults to 0.002), sigma_max (`float`, defaults to 80.0): The range of noise levels.
+        noise_encoder ([`NoiseEncoder`], *optional*): RNE's q(X_1 | X_0), for a model trained on that coupling:
+            X_1 = mean(X_0) + exp(logvar(X_0) / 2) n with the unit noise n drawn as X_1 is without it (so a fresh
+            noise encoder, q = N(0, I), gives the same value). `None`: the independent coupling X_1 ~ N(0, I).
 
     Returns:
         `torch.Tensor` of shape `(batch,)`: || \dot X_t - v_theta ||^2 / dim for one (t, X_1) per image; the mean over
@@ -149,6 +154,10 @@ def conditional_flow_matching_loss(
     uniform = torch.rand(batch_size, generator=generator, dtype=torch.float64, device=_device(generator, images))
     times = (t_min + (t_max - t_min) * uniform).to(device=images.device, dtype=images.dtype)
     noise = randn_tensor(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    if noise_encoder is not None:
+        with torch.no_grad():
+            noise = noise_encoder(images.to(noise_encoder.dtype), noise=noise.to(noise_encoder.dtype)).noise
+        noise = noise.to(images.dtype)
 
     times = times.reshape(-1, *([1] * (images.ndim - 1)))
     sigmas = times / (1 - times)
@@ -224,6 +233,7 @@ def pipeline_conditional_flow_matching_loss(
     generator: torch.Generator | None = None,
     num_draws: int = 1,
     batch_size: int = 64,
+    noise_encoder: "NoiseEncoder | None" = None,
 ) -> float:
     """
     [`conditional_flow_matching_loss`] of a pipeline on held-out images, each conditioned on its own code
@@ -237,6 +247,9 @@ def pipeline_conditional_flow_matching_loss(
         generator (`torch.Generator`, *optional*): The random source of the times and the noise.
         num_draws (`int`, defaults to 1): (t, X_1) draws per image.
         batch_size (`int`, defaults to 64): Images per UNet call.
+        noise_encoder ([`NoiseEncoder`], *optional*): For a model trained with RNE's noise encoder (its own
+            backbone, e.g. loaded from a checkpoint's `noise_encoder` folder): L_CFM under the coupling it was trained
+            on, X_1 ~ q(z | X_0), as RNE and the paper's Table 1 report it. `None`: X_1 ~ N(0, I).
 
     Returns:
         `float`: the Monte Carlo estimate of L_CFM.
@@ -251,7 +264,9 @@ def pipeline_conditional_flow_matching_loss(
         code = None if pipeline.encoder is None else pipeline.encoder(batch.to(pipeline.encoder.dtype)).codes
         denoiser = pipeline_denoiser(pipeline, code)
         for _ in range(num_draws):
-            losses.append(conditional_flow_matching_loss(denoiser, batch, generator, sigma_min, sigma_max))
+            losses.append(
+                conditional_flow_matching_loss(denoiser, batch, generator, sigma_min, sigma_max, noise_encoder)
+            )
     return torch.cat(losses).mean().item()
 
 

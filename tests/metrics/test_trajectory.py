@@ -14,6 +14,7 @@ from qac_diffusers.metrics.trajectory import (
     trajectory_curvature,
     uniform_time_sigmas,
 )
+from qac_diffusers.models import NoiseEncoder
 from qac_diffusers.schedulers.scheduling_ipndm import karras_sigmas
 
 
@@ -225,3 +226,22 @@ def test_pipeline_cfm(pipes):
     assert np.isfinite(loss) and loss > 0
     assert loss == pipeline_conditional_flow_matching_loss(pipe, images, seeded(1), num_draws=2, batch_size=4)
     assert np.isfinite(pipeline_conditional_flow_matching_loss(baseline, images, seeded(1)))
+
+
+def test_pipeline_cfm_under_rne_coupling(pipes):
+    pipe, _ = pipes
+    images = torch.rand(6, 1, 8, 8, generator=seeded()) * 2 - 1
+    noise_encoder = NoiseEncoder.for_unet(pipe.unet)
+    independent = pipeline_conditional_flow_matching_loss(pipe, images, seeded(1))
+    # a fresh noise encoder is q(z | x) = N(0, I), fed the same unit noise: the independent coupling, draw for draw
+    assert pipeline_conditional_flow_matching_loss(pipe, images, seeded(1), noise_encoder=noise_encoder) == independent
+
+    # mean 0.5 and logvar 0: X_1 = n + 0.5 with n the draw X_1 would be without the encoder
+    torch.nn.init.constant_(noise_encoder.conv_out.bias[:1], 0.5)
+    seen = []
+    recorder = lambda x, sigma: seen.append((x, sigma)) or x  # noqa: E731
+    conditional_flow_matching_loss(recorder, images, seeded(2), noise_encoder=noise_encoder)
+    conditional_flow_matching_loss(recorder, images, seeded(2))
+    (coupled, sigmas), (independent, same_sigmas) = seen
+    assert torch.equal(sigmas, same_sigmas)
+    torch.testing.assert_close(coupled - independent, 0.5 * sigmas.expand_as(coupled), rtol=0, atol=1e-5)
