@@ -534,7 +534,7 @@ class Trainer:
         if self.ema_encoder is not None:
             update_ema(self.ema_encoder, self.accelerator.unwrap_model(self.encoder), decay)
         if indices:
-            self.ema_encoder.update_code_weights(torch.cat(indices), decay)
+            self.ema_encoder.update_code_weights(torch.cat(indices), decay, check_indices=False)
         return decay
 
     def is_logged_step(self) -> bool:

@@ -267,7 +267,7 @@ class FSQConditionEncoder(ModelMixin, ConfigMixin, DownPathMixin):
         # Quantize in float32 whatever the model's dtype: floor(L * sigmoid(y)) is sensitive to rounding.
         y = self.proj_out(hidden).float()
         codes = straight_through_quantize(y, self.config.code_levels, self.config.straight_through)
-        indices = self.codes_to_indices(codes.detach())
+        indices = self._levels_to_indices(codes.detach().round().long())  # in range by construction: no check
         if not return_dict:
             return codes, indices, y
         return FSQConditionEncoderOutput(codes=codes, indices=indices, pre_quantized=y)
@@ -289,6 +289,10 @@ class FSQConditionEncoder(ModelMixin, ConfigMixin, DownPathMixin):
         levels = codes.round().long()
         if levels.min() < 0 or levels.max() >= self.config.code_levels:
             raise ValueError(f"`codes` must hold levels in 0..{self.config.code_levels - 1}.")
+        return self._levels_to_indices(levels)
+
+    def _levels_to_indices(self, levels: torch.LongTensor) -> torch.LongTensor:
+        # Without the range check, which reads the device (a GPU synchronisation in every training step).
         return (levels * self.radix).sum(dim=-1)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
@@ -316,19 +320,27 @@ class FSQConditionEncoder(ModelMixin, ConfigMixin, DownPathMixin):
             )
 
     @torch.no_grad()
-    def update_code_weights(self, indices: torch.LongTensor, decay: float) -> None:
+    def update_code_weights(self, indices: torch.LongTensor, decay: float, check_indices: bool = True) -> None:
         """
         Online code weights (paper Algorithm 1, lines 11-12): w <- mu * w + (1 - mu) * counts / B.
 
         Args:
             indices (`torch.LongTensor` of shape `(B,)`): The code indices of the whole (global) batch.
             decay (`float`): mu, the decay the parameter EMA used at this step.
+            check_indices (`bool`, defaults to `True`): Refuse indices outside the codebook. The check reads the
+                device (a GPU synchronisation); the trainer passes `False` for the encoder's own indices, which are in
+                range by construction.
         """
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"`decay` must lie in [0, 1], got {decay}.")
-        self.check_indices(indices)
-        counts = torch.bincount(indices.flatten().to(self.code_weights.device), minlength=self.codebook_size)
-        self.code_weights.mul_(decay).add_(counts.float() / indices.numel(), alpha=1.0 - decay)
+        if check_indices:
+            self.check_indices(indices)
+        indices = indices.flatten().to(self.code_weights.device)
+        # index_add_ rather than bincount, which reads the largest index back to size its output. Sums of ones are
+        # exact in float32 (B < 2**24), so the counts, and the weights, are bincount's whatever the order of the adds.
+        ones = torch.ones_like(indices, dtype=self.code_weights.dtype)
+        counts = torch.zeros_like(self.code_weights).index_add_(0, indices, ones)
+        self.code_weights.mul_(decay).add_(counts / indices.numel(), alpha=1.0 - decay)
 
     def sample_indices(
         self, num_samples: int, generator: torch.Generator | list[torch.Generator] | None = None

@@ -120,6 +120,21 @@ def test_update_code_weights_is_the_ema_of_the_batch_histogram():
         encoder.update_code_weights(torch.tensor([8]), decay=0.5)
 
 
+def test_code_weights_without_the_device_reading_checks_are_bincounts_bit_for_bit(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    encoder, indices = small_encoder(code_dim=6), torch.randint(0, 64, (1000,), generator=generator)
+    encoder.code_weights.copy_(torch.rand(64, generator=generator))
+    counts = torch.bincount(indices, minlength=64).float()
+    expected = encoder.code_weights.clone().mul_(0.9).add_(counts / 1000, alpha=1.0 - 0.9)  # the bincount version
+    monkeypatch.setattr(type(encoder), "check_indices", lambda *args: pytest.fail("the trainer's path checks"))
+    encoder.update_code_weights(indices, decay=0.9, check_indices=False)
+    assert torch.equal(encoder.code_weights, expected)
+    # the forward pass converts its own codes without the range check (which reads the device)
+    monkeypatch.setattr(type(encoder), "codes_to_indices", lambda *args: pytest.fail("forward checks its codes"))
+    output = encoder(torch.rand(3, 1, 8, 8) * 2 - 1)
+    assert torch.equal(output.indices, (output.codes.long() * encoder.radix).sum(-1))
+
+
 def test_sample_indices_follows_the_weights_and_is_seeded():
     encoder = small_encoder(code_dim=2)
     with pytest.raises(ValueError, match="all zero"):
