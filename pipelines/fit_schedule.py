@@ -50,10 +50,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
         pipe.save_pretrained(args.output_dir)
     print(f"Fitted in {seconds:.1f} s ({fit.num_model_calls} UNet calls on {args.num_samples} images each).")
-    print("NFE  distance to the teacher: Karras -> fitted   schedule")
-    for nfe, sigmas in zip(sorted(args.nfe), fit.scheduler.config.fitted_sigmas):
-        schedule = " ".join(f"{sigma:.3g}" for sigma in sigmas)
-        print(f"{nfe:3d}  {fit.formula_distances[nfe]:10.4g} -> {fit.fitted_distances[nfe]:<10.4g}  {schedule}")
+    print("NFE  distance to the teacher, search draws: Karras -> fitted; fresh draws: Karras -> fitted   schedule")
+    fitted = dict(zip(pipe.scheduler.fitted_num_inference_steps, pipe.scheduler.config.fitted_sigmas or []))
+    for nfe in sorted(args.nfe):
+        schedule = " ".join(f"{sigma:.3g}" for sigma in fitted[nfe]) if nfe in fitted else "Karras (not kept)"
+        print(f"{nfe:3d}  {fit.formula_distances[nfe]:10.4g} -> {fit.fitted_distances[nfe]:<10.4g} "
+              f"{fit.validation_formula_distances[nfe]:10.4g} -> {fit.validation_fitted_distances[nfe]:<10.4g} "
+              f"{schedule}")
     print(f"Saved to {args.output_dir or Path(args.model) / 'scheduler'}")
 
 

@@ -13,6 +13,9 @@ the samples and the teacher's samples from the same noise and codes, in (pooled)
 samples pays for through its covariance. The search is a coordinate descent on log sigma that starts from the
 formula (Karras) schedule and accepts only improvements, so a fitted schedule never scores worse than the formula; a
 second descent starts from the schedule fitted for one NFE less with one point inserted, when that is closer.
+A search that accepts every improvement on one set of noise draws also fits that set's chance: each fitted schedule is
+therefore scored again, with the formula's, on fresh noise and codes, and kept only where it is still closer to the
+teacher there ([`validate_schedules`]); elsewhere the scheduler keeps the formula.
 """
 
 import math
@@ -50,16 +53,22 @@ class ScheduleFitOutput(BaseOutput):
             The pipeline's scheduler with the fitted schedules (`fitted_sigmas`) and the model's fingerprint in its
             config: `pipe.scheduler = output.scheduler`, then `pipe.save_pretrained(...)` keeps them.
         formula_distances (`dict[int, float]`):
-            For each NFE, the Frechet distance to the teacher's samples on the formula (Karras) schedule.
+            For each NFE, the Frechet distance to the teacher's samples on the formula (Karras) schedule, on the
+            noise draws of the search.
         fitted_distances (`dict[int, float]`):
             The same on the fitted schedule (never larger).
+        validation_formula_distances (`dict[int, float]`), validation_fitted_distances (`dict[int, float]`):
+            Both again on fresh noise draws; the scheduler holds the fitted schedules of the NFEs where the fitted
+            one is closer there (`scheduler.fitted_num_inference_steps`). Empty when the fit was not validated.
         num_model_calls (`int`):
-            The UNet calls the fit made, teacher included, each on a batch of `num_samples` images.
+            The UNet calls the fit made, teachers included, each on a batch of `num_samples` images.
     """
 
     scheduler: IPNDMScheduler
     formula_distances: dict[int, float]
     fitted_distances: dict[int, float]
+    validation_formula_distances: dict[int, float]
+    validation_fitted_distances: dict[int, float]
     num_model_calls: int
 
 
@@ -239,6 +248,42 @@ def _fit_one(distance, formula: list[float], below: list[float] | None, log_step
 
 
 @torch.no_grad()
+def validate_schedules(
+    pipeline,
+    fitted_sigmas: Sequence[Sequence[float]],
+    num_samples: int = 256,
+    teacher_steps: int = DEFAULT_TEACHER_STEPS,
+    generator: torch.Generator | None = None,
+) -> tuple[list[list[float]], dict[int, float], dict[int, float]]:
+    """
+    Score fitted schedules and the formula's on noise draws of their own ([`ScheduleDistance`] on `num_samples` new
+    draws of `generator`, with a new teacher), and keep the fitted schedules that are closer to the teacher there.
+
+    Args:
+        pipeline ([`QACPipeline`]): The pipeline the schedules were fitted to, with an [`IPNDMScheduler`].
+        fitted_sigmas (`Sequence[Sequence[float]]`): The fitted schedules, one per NFE (each NFE + 2 points).
+        num_samples (`int`, defaults to 256), teacher_steps (`int`, defaults to 64): As in [`fit_schedules`].
+        generator (`torch.Generator`, *optional*): The random source of the new noise and codes.
+
+    Returns:
+        `tuple` `(kept, formula_distances, fitted_distances)`: the schedules kept, and the distances of the formula
+        and of each fitted schedule on the new draws, by NFE.
+    """
+    return _validate(ScheduleDistance(pipeline, num_samples, teacher_steps, generator), fitted_sigmas)
+
+
+def _validate(distance: ScheduleDistance, fitted_sigmas: Sequence[Sequence[float]]):
+    kept, formula_distances, fitted_distances = [], {}, {}
+    for sigmas in fitted_sigmas:
+        nfe = len(sigmas) - 2
+        formula_distances[nfe] = distance(distance.formula_sigmas(nfe))
+        fitted_distances[nfe] = distance(list(sigmas))
+        if fitted_distances[nfe] < formula_distances[nfe]:
+            kept.append(list(sigmas))
+    return kept, formula_distances, fitted_distances
+
+
+@torch.no_grad()
 def fit_schedules(
     pipeline,
     num_inference_steps: Sequence[int] = DEFAULT_FIT_NFE,
@@ -246,6 +291,7 @@ def fit_schedules(
     teacher_steps: int = DEFAULT_TEACHER_STEPS,
     generator: torch.Generator | None = None,
     log_steps: Sequence[float] = (0.5, 0.25, 0.125),
+    validate: bool = True,
     progress_bar: bool = True,
 ) -> ScheduleFitOutput:
     """
@@ -258,8 +304,10 @@ def fit_schedules(
     schedules with one point inserted (the geometric mean of two neighbours) is a second start if it is already closer
     than the first descent ended, and the closer result is kept. So a fitted schedule is never further from the
     teacher than the formula; a second start alone could waste the new call (a point inserted next to sigma_min
-    changes nothing, and the descent from there stayed put on our digits baseline at NFE 5 and 6).
-    Everything is deterministic given `generator`.
+    changes nothing, and the descent from there stayed put on our digits baseline at NFE 5 and 6). Then, with
+    `validate`, [`validate_schedules`] scores every fitted schedule and the formula again on `num_samples` fresh draws
+    of `generator`, and the scheduler keeps only the fitted schedules that are closer there: a schedule that won on the
+    search's draws by their chance alone goes back to the formula. Everything is deterministic given `generator`.
 
     Args:
         pipeline ([`QACPipeline`]): A trained pipeline whose scheduler is an [`IPNDMScheduler`].
@@ -268,6 +316,8 @@ def fit_schedules(
         teacher_steps (`int`, defaults to 64): Model calls of the teacher; more than the largest NFE.
         generator (`torch.Generator`, *optional*): The random source of the noise and the codes.
         log_steps (`Sequence[float]`): The step sizes of the search in log sigma, largest first.
+        validate (`bool`, defaults to `True`): Keep only the fitted schedules that are closer than the formula on
+            fresh noise draws too.
         progress_bar (`bool`, defaults to `True`): Show one bar step per NFE.
 
     Returns:
@@ -284,11 +334,17 @@ def fit_schedules(
         sigmas, fitted_distances[nfe] = _fit_one(distance, formula, below, log_steps)
         fitted.append(sigmas)
         bar.set_postfix(nfe=nfe, formula=f"{formula_distances[nfe]:.3g}", fitted=f"{fitted_distances[nfe]:.3g}")
+    num_model_calls, validation = distance.num_model_calls, ({}, {})
+    if validate:
+        check = ScheduleDistance(pipeline, num_samples, teacher_steps, generator)
+        fitted, *validation = _validate(check, fitted)
+        num_model_calls += check.num_model_calls
+    fingerprint = model_fingerprint(pipeline.unet, pipeline.encoder) if fitted else None
     scheduler = IPNDMScheduler.from_config(
-        {**distance.config, "fitted_sigmas": fitted,
-         "fitted_model_fingerprint": model_fingerprint(pipeline.unet, pipeline.encoder)}
+        {**distance.config, "fitted_sigmas": fitted or None, "fitted_model_fingerprint": fingerprint}
     )
     return ScheduleFitOutput(
         scheduler=scheduler, formula_distances=formula_distances, fitted_distances=fitted_distances,
-        num_model_calls=distance.num_model_calls,
+        validation_formula_distances=validation[0], validation_fitted_distances=validation[1],
+        num_model_calls=num_model_calls,
     )

@@ -19,6 +19,7 @@ from qac_diffusers.schedulers.schedule_fitting import (
     coordinate_descent,
     fit_schedules,
     pixel_features,
+    validate_schedules,
 )
 
 
@@ -32,7 +33,7 @@ def fitted():
     pipe = make_tiny_pipeline()
     calls = []
     hook = pipe.unet.register_forward_hook(lambda *_: calls.append(1))
-    output = fit_schedules(pipe, FIT_NFES, **FIT_SETTINGS, generator=seeded(0), progress_bar=False)
+    output = fit_schedules(pipe, FIT_NFES, **FIT_SETTINGS, generator=seeded(0), validate=False, progress_bar=False)
     hook.remove()
     return pipe, output, len(calls)
 
@@ -112,7 +113,9 @@ def test_distance_runs_the_pipelines_sampler_also_when_resuming_a_shared_prefix(
 
 def test_fit_is_deterministic_and_never_worse_than_the_formula(fitted):
     pipe, output, calls = fitted
-    again = fit_schedules(make_tiny_pipeline(), FIT_NFES, **FIT_SETTINGS, generator=seeded(0), progress_bar=False)
+    again = fit_schedules(
+        make_tiny_pipeline(), FIT_NFES, **FIT_SETTINGS, generator=seeded(0), validate=False, progress_bar=False
+    )
     assert again.scheduler.config.fitted_sigmas == output.scheduler.config.fitted_sigmas
     for nfe in FIT_NFES:
         assert output.fitted_distances[nfe] <= output.formula_distances[nfe]
@@ -132,6 +135,27 @@ def test_fitted_schedule_is_locally_optimal(fitted):
             neighbour[index] *= factor
             if neighbour[index - 1] > neighbour[index] > neighbour[index + 1]:
                 assert distance(neighbour) >= output.fitted_distances[nfe]
+
+
+def test_validation_keeps_the_schedules_that_are_closer_on_fresh_draws(fitted):
+    pipe, output, _ = fitted
+    fitted_sigmas = output.scheduler.config.fitted_sigmas
+    # on the search's own draws (the same seed) every fitted schedule that improved is closer: all are kept
+    assert all(output.fitted_distances[nfe] < output.formula_distances[nfe] for nfe in FIT_NFES)
+    kept, formula, fitted_distances = validate_schedules(pipe, fitted_sigmas, **FIT_SETTINGS, generator=seeded(0))
+    assert kept == fitted_sigmas
+    assert formula == output.formula_distances and fitted_distances == output.fitted_distances
+    # the formula itself is not closer than the formula: not kept
+    distance = ScheduleDistance(pipe, **FIT_SETTINGS, generator=seeded(5))
+    assert validate_schedules(pipe, [distance.formula_sigmas(2)], **FIT_SETTINGS, generator=seeded(5))[0] == []
+
+    validated = fit_schedules(pipe, FIT_NFES, **FIT_SETTINGS, generator=seeded(0), progress_bar=False)
+    assert validated.fitted_distances == output.fitted_distances  # the same search, then the validation
+    closer = [nfe for nfe in FIT_NFES
+              if validated.validation_fitted_distances[nfe] < validated.validation_formula_distances[nfe]]
+    assert validated.scheduler.fitted_num_inference_steps == closer
+    assert validated.scheduler.config.fitted_sigmas == ([fitted_sigmas[nfe - 1] for nfe in closer] or None)
+    assert validated.validation_formula_distances != output.formula_distances  # fresh draws
 
 
 def test_scheduler_uses_fitted_schedules_only_at_their_nfe(fitted):
@@ -242,9 +266,11 @@ def test_fit_schedule_script_writes_the_model_folders_scheduler(fitted, tmp_path
     script.main(["--model", str(tmp_path / "model"), "--nfe", "2", "1", "--num_samples", "6", "--teacher_steps", "3",
                  "--device", "cpu"])
     loaded = QACPipeline.from_pretrained(tmp_path / "model")
-    assert loaded.scheduler.config.fitted_sigmas == output.scheduler.config.fitted_sigmas  # same seed, same fit
+    validated = fit_schedules(pipe, [1, 2], **FIT_SETTINGS, generator=seeded(0), progress_bar=False)
+    assert loaded.scheduler.config.fitted_sigmas == validated.scheduler.config.fitted_sigmas  # same seed, same fit
     printed = capsys.readouterr().out
     assert "UNet calls" in printed and f"{output.fitted_distances[2]:<10.4g}" in printed
+    assert f"{validated.validation_fitted_distances[2]:<10.4g}" in printed
 
     with pytest.raises(SystemExit, match="pass --output_dir"):
         script.main(["--model", "user/not-a-folder"])
@@ -252,7 +278,7 @@ def test_fit_schedule_script_writes_the_model_folders_scheduler(fitted, tmp_path
 
 def test_fit_works_for_the_unconditional_baseline():
     pipe = make_tiny_pipeline(code_dim=0)
-    output = fit_schedules(pipe, [2], **FIT_SETTINGS, generator=seeded(0), progress_bar=False)
+    output = fit_schedules(pipe, [2], **FIT_SETTINGS, generator=seeded(0), validate=False, progress_bar=False)
     assert output.fitted_distances[2] <= output.formula_distances[2]
     assert output.scheduler.config.fitted_model_fingerprint == model_fingerprint(pipe.unet)
     baseline = QACPipeline(unet=pipe.unet, scheduler=output.scheduler, encoder=None)

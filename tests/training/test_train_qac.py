@@ -273,12 +273,15 @@ def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
 def test_fits_the_sampling_schedules_after_training(tmp_path):
     train(tmp_path, "--max_train_steps", "2", "--fit_schedule_nfe", "2", "1", "--fit_schedule_samples", "16")
     fit = json.loads((tmp_path / "training_summary.json").read_text())["schedule_fit"]
-    assert fit["nfe"] == [1, 2] and 0 < fit["seconds"] and 0 < fit["training_seconds"]
+    assert 0 < fit["seconds"] and 0 < fit["training_seconds"]
     assert all(fit["fitted_distances"][nfe] <= fit["formula_distances"][nfe] for nfe in ("1", "2"))
+    kept = [nfe for nfe in (1, 2)
+            if fit["validation_fitted_distances"][str(nfe)] < fit["validation_formula_distances"][str(nfe)]]
     pipe = QACPipeline.from_pretrained(tmp_path)  # the fingerprint matches the saved weights, or this would raise
-    assert pipe.scheduler.fitted_num_inference_steps == [1, 2]
-    pipe.scheduler.set_timesteps(2)
-    assert pipe.scheduler.sigmas.tolist() == pytest.approx(pipe.scheduler.config.fitted_sigmas[1], rel=1e-6)
+    assert fit["nfe"] == pipe.scheduler.fitted_num_inference_steps == kept
+    for nfe, sigmas in zip(kept, pipe.scheduler.config.fitted_sigmas or []):
+        pipe.scheduler.set_timesteps(nfe)
+        assert pipe.scheduler.sigmas.tolist() == pytest.approx(sigmas, rel=1e-6)
 
 
 def test_push_to_hub_then_load_the_repo(tmp_path, fake_hub):
