@@ -286,13 +286,13 @@ def plot_table(number: int, table: Table, values: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(args, results: dict, floor: float, accuracy: float, results_dir: Path) -> None:
+def write_report(args, results: dict, commands: list[str], floor: float, accuracy: float, results_dir: Path) -> None:
     """The markdown of every table measured so far (this run's and earlier runs'), and the JSON behind it."""
     stem = results_dir / args.results_name
-    command = " ".join([f"python benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     lines = [
         "# The paper's rectified-flow tables on the digits", "",
-        f"Command: `{command}` (a rerun with other `--tables` adds its tables to this file).", "",
+        "Commands, in the order they ran (each run adds or remeasures its `--tables` in this file):", "",
+        *[f"    {command}" for command in commands], "",
         f"Every row: `train_qac.py --formulation rectified_flow`, preset `{args.preset}`, {args.max_train_steps} "
         f"steps at batch {args.train_batch_size}, seeds {args.seeds}, trained on {1 - args.holdout_fraction:.0%} of "
         f"the digits; the rows differ only in their condition and noise encoders. FD (lower is better) of "
@@ -328,6 +328,8 @@ def main() -> None:
 
     json_path = (results_dir / args.results_name).with_suffix(".json")
     saved = json.loads(json_path.read_text()) if json_path.is_file() else {"tables": {}}
+    command = " ".join([f"python benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    saved["commands"] = [*saved.get("commands", []), command]
     for number in args.tables:  # table by table, so that a run stopped early leaves its first tables written
         train_all(args, models_of([number]), data_folder, work_dir)
         if number == 2:
@@ -337,7 +339,7 @@ def main() -> None:
         saved["tables"][str(number)] = values
         saved.update(args=vars(args), real_vs_heldout=floor, classifier_accuracy=accuracy)
         json_path.write_text(json.dumps(saved, indent=1))
-        write_report(args, saved["tables"], floor, accuracy, results_dir)
+        write_report(args, saved["tables"], saved["commands"], floor, accuracy, results_dir)
     print((results_dir / args.results_name).with_suffix(".md").read_text())
 
 
