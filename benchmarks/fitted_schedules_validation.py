@@ -38,14 +38,15 @@ def validate_model(model_dir: Path, seed: int) -> dict:
     """Validation distances and the cached classifier FDs of one model, by NFE."""
     pipe = QACPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
-    fitted = IPNDMScheduler.from_pretrained(model_dir / "fitted_scheduler").config.fitted_sigmas
+    fitted = IPNDMScheduler.from_pretrained(model_dir / "fitted_scheduler").config.fitted_sigmas or []
     generator = torch.Generator().manual_seed(seed)  # the fit's seed in fitted_schedules.py
-    ScheduleDistance(pipe, NUM_SAMPLES, TEACHER_STEPS, generator)  # the search's draws, as fit_schedules made them
+    # the search's draws, as fit_schedules made them (its teacher too: cheap here, and no copy of the draw order)
+    search = ScheduleDistance(pipe, NUM_SAMPLES, TEACHER_STEPS, generator)
     kept, formula, fitted_distances = validate_schedules(pipe, fitted, NUM_SAMPLES, TEACHER_STEPS, generator)
     measured = json.loads((model_dir / "benchmark_measurements.json").read_text())
     rows = {}
     for sigmas in fitted:
-        nfe = len(sigmas) - 2
+        nfe = search.num_calls(sigmas)
         rows[nfe] = {
             "kept": sigmas in kept, "validation_formula": formula[nfe], "validation_fitted": fitted_distances[nfe],
             "fd_fitted": measured[f"frechet_distance ipndm_fitted nfe {nfe} 2000 samples"],

@@ -38,6 +38,10 @@ from qac_diffusers.training.code_usage import offline_code_weights  # noqa: E402
 from qac_diffusers.training.presets import PRESETS  # noqa: E402
 
 
+sys.path.insert(0, str(few_step.REPO_ROOT))
+import train_qac  # noqa: E402
+
+
 RECTIFIED_FLOW = ["--formulation", "rectified_flow"]
 # The models of the tables, each a train_qac.py run with these flags. "qac" is FSQ with L = 2, d = 12: the paper's
 # MNIST setting, and 2^12 codes against 1,257 training images.
@@ -131,6 +135,9 @@ TABLES = {
         "CIFAR-10 FID; the middle column read as 7 NFE (see Table 4).",
     ),
 }
+# The options a table's numbers depend on, saved with each table (a rerun of other tables may use others).
+TABLE_SETTINGS = ("seeds", "max_train_steps", "train_batch_size", "num_samples", "rk45_batch_size",
+                  "curvature_samples", "curvature_steps")
 # Lower is better in every column but the reference solver's NFE.
 RANKED_COLUMNS = ("L_CFM", "curvature", "euler", "heun", "rk45")
 
@@ -141,7 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="In this order; each is written as soon as it is measured.")
     parser.add_argument("--jobs", type=int, default=1, help="Trainings run at a time, one thread each when > 1.")
     parser.add_argument("--rk45_batch_size", type=int, default=500, help="Samples per RK45 solve.")
-    parser.set_defaults(max_train_steps=1200, results_name="rectified_flow_tables")
+    # its own work dir: few_step_quality.py's holds EDM models under the same names ("qac-seed0")
+    parser.set_defaults(max_train_steps=1200, results_name="rectified_flow_tables",
+                        work_dir=str(few_step.REPO_ROOT / "benchmarks" / "work-rectified-flow"))
     return parser.parse_args(argv)
 
 
@@ -162,8 +171,29 @@ def train_all(args, models: list[str], data_folder: Path, work_dir: Path) -> Non
                         MODEL_FLAGS[model], env)
             for model, seed in runs
         ]
-        for training in trainings:
-            training.result()
+        try:
+            for training in trainings:
+                training.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the queued trainings would run before the error is raised
+            raise
+    for model, seed in runs:
+        check_reused_model(args, work_dir / f"{model}-seed{seed}", MODEL_FLAGS[model])
+
+
+def check_reused_model(args, model_dir: Path, model_flags: list[str]) -> None:
+    """Refuse a model folder trained with other flags or settings (e.g. another benchmark's model of the same name)."""
+    trained = json.loads((model_dir / "training_config.json").read_text())["args"]
+    expected = vars(train_qac.parse_args([*model_flags, "--max_train_steps", str(args.max_train_steps),
+                                          "--train_batch_size", str(args.train_batch_size)]))
+    keys = ("formulation", "condition", "code_dim", "code_levels", "noise_encoder", "max_train_steps",
+            "train_batch_size")
+    differing = {key: (trained.get(key), expected[key]) for key in keys if trained.get(key) != expected[key]}
+    if differing:
+        raise ValueError(
+            f"{model_dir} was trained with other settings than this benchmark asks for ({{flag: (trained, asked)}}: "
+            f"{differing}): pass another --work_dir, or delete the folder to train it anew."
+        )
 
 
 def make_offline_model(work_dir: Path, seed: int, train_images: torch.Tensor) -> None:
@@ -179,13 +209,17 @@ def make_offline_model(work_dir: Path, seed: int, train_images: torch.Tensor) ->
 
 def trained_noise_encoder(model_dir: Path) -> NoiseEncoder | None:
     """
-    RNE's q(z | x) of a model trained with `--noise_encoder own`, from its last checkpoint (the trained weights; the
-    pipeline keeps none, sampling draws z ~ N(0, I)), for L_CFM under the coupling it was trained on; else None.
+    RNE's q(z | x) of a model trained with `--noise_encoder own`, from the checkpoint of its last step (trained
+    weights: train_qac.py keeps no EMA of it, and the pipeline none at all, since sampling draws z ~ N(0, I)), for
+    L_CFM under the coupling it was trained on; else None.
     """
     config = json.loads((model_dir / "training_config.json").read_text())
     if config["args"].get("noise_encoder") != "own":
         return None
-    return NoiseEncoder.from_pretrained(list_checkpoints(model_dir)[-1] / "noise_encoder")
+    checkpoint = model_dir / f"checkpoint-{config['args']['max_train_steps']}"
+    if checkpoint not in list_checkpoints(model_dir):
+        raise FileNotFoundError(f"{checkpoint} is missing: the noise encoder is only saved in checkpoints.")
+    return NoiseEncoder.from_pretrained(checkpoint / "noise_encoder")
 
 
 @torch.no_grad()
@@ -215,7 +249,7 @@ def measure(args, model_dir: Path, seed: int, column: str, classifier, heldout_f
     pipe = QACPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
     if column.startswith("rk45"):
-        key = f"frechet_distance rk45 {args.num_samples} samples"
+        key = f"frechet_distance rk45 {args.num_samples} samples {args.rk45_batch_size} per solve"
         distance, nfe = few_step.cached(
             model_dir, key, rk45_frechet_distance, pipe, args, seed, classifier, heldout_features
         )
@@ -249,11 +283,13 @@ def ordering(values: dict[str, dict[str, list[float]]], column: str) -> str:
     return " < ".join(sorted(means, key=means.get))
 
 
-def markdown_table(number: int, table: Table, values: dict) -> str:
+def markdown_table(number: int, table: Table, values: dict, settings: dict) -> str:
     """Ours (mean ± std over seeds) beside the paper's, then the orderings of both per column."""
     paper_columns = [column for column in table.columns if any(column in row for row in table.paper.values())]
     header = ["row", *table.columns, *[f"paper: {column}" for column in paper_columns]]
-    lines = [f"## {table.title}", "", f"| {' | '.join(header)} |", "|---" * len(header) + "|"]
+    measured_with = ", ".join(f"{key} {settings[key]}" for key in TABLE_SETTINGS if key in settings)
+    lines = [f"## {table.title}", "", f"Measured with: {measured_with}.", "", f"| {' | '.join(header)} |",
+             "|---" * len(header) + "|"]
     for label, by_column in values.items():
         decimals = {"L_CFM": 4, "curvature": 4, "rk45 NFE": 0}
         ours = [few_step.mean_std(by_column[column], decimals.get(column, 2)) for column in table.columns]
@@ -286,7 +322,9 @@ def plot_table(number: int, table: Table, values: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(args, results: dict, commands: list[str], floor: float, accuracy: float, results_dir: Path) -> None:
+def write_report(
+    args, results: dict, settings: dict, commands: list[str], floor: float, accuracy: float, results_dir: Path
+) -> None:
     """The markdown of every table measured so far (this run's and earlier runs'), and the JSON behind it."""
     stem = results_dir / args.results_name
     lines = [
@@ -308,7 +346,7 @@ def write_report(args, results: dict, commands: list[str], floor: float, accurac
     ]
     for number in sorted(results, key=int):
         table = TABLES[int(number)]
-        lines.append(markdown_table(int(number), table, results[number]))
+        lines.append(markdown_table(int(number), table, results[number], settings.get(number, vars(args))))
         plot_table(int(number), table, results[number], results_dir / f"rectified_flow_table{number}.png")
     stem.with_suffix(".md").write_text("\n".join(lines))
 
@@ -337,9 +375,10 @@ def main() -> None:
                 make_offline_model(work_dir, seed, train_images)
         values = measure_table(args, TABLES[number], work_dir, classifier, heldout_features, heldout_images)
         saved["tables"][str(number)] = values
+        saved.setdefault("table_settings", {})[str(number)] = {key: vars(args)[key] for key in TABLE_SETTINGS}
         saved.update(args=vars(args), real_vs_heldout=floor, classifier_accuracy=accuracy)
         json_path.write_text(json.dumps(saved, indent=1))
-        write_report(args, saved["tables"], saved["commands"], floor, accuracy, results_dir)
+        write_report(args, saved["tables"], saved["table_settings"], saved["commands"], floor, accuracy, results_dir)
     print((results_dir / args.results_name).with_suffix(".md").read_text())
 
 

@@ -155,9 +155,10 @@ def conditional_flow_matching_loss(
     times = (t_min + (t_max - t_min) * uniform).to(device=images.device, dtype=images.dtype)
     noise = randn_tensor(images.shape, generator=generator, device=images.device, dtype=images.dtype)
     if noise_encoder is not None:
+        to_encoder = {"device": noise_encoder.device, "dtype": noise_encoder.dtype}
         with torch.no_grad():
-            noise = noise_encoder(images.to(noise_encoder.dtype), noise=noise.to(noise_encoder.dtype)).noise
-        noise = noise.to(images.dtype)
+            noise = noise_encoder(images.to(**to_encoder), noise=noise.to(**to_encoder)).noise
+        noise = noise.to(device=images.device, dtype=images.dtype)
 
     times = times.reshape(-1, *([1] * (images.ndim - 1)))
     sigmas = times / (1 - times)

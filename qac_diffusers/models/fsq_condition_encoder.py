@@ -338,9 +338,9 @@ class FSQConditionEncoder(ModelMixin, ConfigMixin, DownPathMixin):
         indices = indices.flatten().to(self.code_weights.device)
         # index_add_ rather than bincount, which reads the largest index back to size its output. Sums of ones are
         # exact in float32 (B < 2**24), so the counts, and the weights, are bincount's whatever the order of the adds.
-        ones = torch.ones_like(indices, dtype=self.code_weights.dtype)
-        counts = torch.zeros_like(self.code_weights).index_add_(0, indices, ones)
-        self.code_weights.mul_(decay).add_(counts / indices.numel(), alpha=1.0 - decay)
+        ones = torch.ones_like(indices, dtype=torch.float32)
+        counts = torch.zeros_like(self.code_weights, dtype=torch.float32).index_add_(0, indices, ones)
+        self.code_weights.mul_(decay).add_((counts / indices.numel()).to(self.code_weights.dtype), alpha=1.0 - decay)
 
     def sample_indices(
         self, num_samples: int, generator: torch.Generator | list[torch.Generator] | None = None

@@ -129,6 +129,10 @@ class ScheduleDistance:
         samples = self.samples(scheduler, scheduler.fitted_num_inference_steps[0])
         return frechet_distance(pixel_features(samples), self.teacher)
 
+    def num_calls(self, sigmas: Sequence[float]) -> int:
+        """The model calls of the pipeline's sampler on the schedule `sigmas` (one fewer with the analytical step)."""
+        return IPNDMScheduler.from_config({**self.config, "fitted_sigmas": None})._num_calls(len(sigmas))
+
     def formula_sigmas(self, num_inference_steps: int) -> list[float]:
         """The formula (Karras) schedule of the pipeline's scheduler config."""
         scheduler = IPNDMScheduler.from_config({**self.config, "fitted_sigmas": None})
@@ -261,7 +265,7 @@ def validate_schedules(
 
     Args:
         pipeline ([`QACPipeline`]): The pipeline the schedules were fitted to, with an [`IPNDMScheduler`].
-        fitted_sigmas (`Sequence[Sequence[float]]`): The fitted schedules, one per NFE (each NFE + 2 points).
+        fitted_sigmas (`Sequence[Sequence[float]]`): The fitted schedules, one per NFE.
         num_samples (`int`, defaults to 256), teacher_steps (`int`, defaults to 64): As in [`fit_schedules`].
         generator (`torch.Generator`, *optional*): The random source of the new noise and codes.
 
@@ -275,7 +279,7 @@ def validate_schedules(
 def _validate(distance: ScheduleDistance, fitted_sigmas: Sequence[Sequence[float]]):
     kept, formula_distances, fitted_distances = [], {}, {}
     for sigmas in fitted_sigmas:
-        nfe = len(sigmas) - 2
+        nfe = distance.num_calls(sigmas)
         formula_distances[nfe] = distance(distance.formula_sigmas(nfe))
         fitted_distances[nfe] = distance(list(sigmas))
         if fitted_distances[nfe] < formula_distances[nfe]:

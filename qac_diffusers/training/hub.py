@@ -33,17 +33,16 @@ UPLOADED_SUFFIXES = (".png", ".json", ".py")
 CARD_NAME = "README.md"
 # What the card says of each formulation, the `formulation` that model_index.json records.
 FORMULATION_CARD_FIELDS = {
-    "edm": {
-        "loss_name": "EDM loss",
-        "denoiser_name": "an EDM-preconditioned UNet",
-        "sampler_note": "iPNDM with the analytical first step",
-    },
+    "edm": {"loss_name": "EDM loss", "denoiser_name": "an EDM-preconditioned UNet"},
     "rectified_flow": {
-        "loss_name": "rectified-flow loss",
-        "denoiser_name": "a UNet that predicts the velocity of rectified flow",
-        "sampler_note": 'N Euler steps of 1 / N; for Heun, set `pipe.scheduler = pipe.formulation.solver("heun")` and '
-        "pass an odd NFE",
+        "loss_name": "rectified-flow loss", "denoiser_name": "a UNet that predicts the velocity of rectified flow"
     },
+}
+# What `num_inference_steps` means with the saved scheduler, by its class (none for other schedulers).
+SAMPLER_NOTES = {
+    "FlowMatchEulerDiscreteScheduler": 'N Euler steps of 1 / N; for Heun, set `pipe.scheduler = '
+    'pipe.formulation.solver("heun")` and pass an odd NFE',
+    "FlowMatchHeunDiscreteScheduler": "an odd NFE: (N + 1) / 2 Heun steps of equal length, the last one Euler",
 }
 # Uploaded files not searched for private strings before an upload: weights, large and never holding text.
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -226,8 +225,13 @@ def write_model_card(
 def _pipeline_fields(output_dir: Path) -> dict[str, str]:
     """The card's words for the saved pipeline's formulation and scheduler, read from its model_index.json."""
     model_index = json.loads((output_dir / "model_index.json").read_text())
+    scheduler_name = model_index["scheduler"][1]
+    sampler_note = SAMPLER_NOTES.get(scheduler_name, "")
+    if scheduler_name == "IPNDMScheduler":
+        config = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
+        sampler_note = "iPNDM with the analytical first step" if config["analytical_first_step"] else "iPNDM"
     formulation = model_index.get("formulation", "edm")
-    return {"scheduler_name": model_index["scheduler"][1], **FORMULATION_CARD_FIELDS[formulation]}
+    return {"scheduler_name": scheduler_name, "sampler_note": sampler_note, **FORMULATION_CARD_FIELDS[formulation]}
 
 
 def _is_uploaded_file(path: Path) -> bool:

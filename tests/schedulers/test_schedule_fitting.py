@@ -158,6 +158,16 @@ def test_validation_keeps_the_schedules_that_are_closer_on_fresh_draws(fitted):
     assert validated.validation_formula_distances != output.formula_distances  # fresh draws
 
 
+def test_validation_counts_calls_without_the_analytical_first_step():
+    pipe = make_tiny_pipeline()
+    pipe.scheduler = IPNDMScheduler(analytical_first_step=False)  # NFE n: n + 1 sigmas, not n + 2
+    output = fit_schedules(pipe, [1, 2], **FIT_SETTINGS, generator=seeded(0), progress_bar=False)
+    assert sorted(output.validation_formula_distances) == sorted(output.validation_fitted_distances) == [1, 2]
+    distance = ScheduleDistance(pipe, **FIT_SETTINGS, generator=seeded(0))
+    assert output.formula_distances[2] == distance(distance.formula_sigmas(2))
+    assert set(output.scheduler.fitted_num_inference_steps) <= {1, 2}
+
+
 def test_scheduler_uses_fitted_schedules_only_at_their_nfe(fitted):
     _, output, _ = fitted
     scheduler = output.scheduler

@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from huggingface_hub import ModelCard
 
 import hub_server
@@ -158,6 +158,10 @@ def test_card_names_the_formulation_the_condition_and_the_scheduler(tmp_path):
     assert "(a UNet that predicts the velocity of rectified flow)" in flow_card.text
     assert "with the saved `FlowMatchEulerDiscreteScheduler` (N Euler steps of 1 / N;" in flow_card.text
     assert "EDM" not in flow_card.text and "iPNDM" not in flow_card.text and "Code usage" not in flow_card.text
+
+    flow.scheduler = FlowMatchHeunDiscreteScheduler()  # the note follows the saved scheduler
+    heun_card = ModelCard.load(write_card(save_training_run(flow, tmp_path / "heun"), flow))
+    assert "with the saved `FlowMatchHeunDiscreteScheduler` (an odd NFE: (N + 1) / 2 Heun steps" in heun_card.text
 
 
 def test_card_shows_no_absolute_path(tmp_path):

@@ -1,5 +1,6 @@
 """benchmarks/rectified_flow_tables.py's tables: every row a valid train_qac.py run, and the report's orderings."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -43,8 +44,20 @@ def test_report_orders_rows_best_first_for_ours_and_the_paper():
         "w/ QAC only": {"heun 5": [20.0, 20.0], "heun 7": [19.0, 19.0], "heun 9": [11.0, 11.0]},
         "w/ RNE & QAC": {"heun 5": [19.0, 19.0], "heun 7": [18.0, 18.0], "heun 9": [12.0, 12.0]},
     }
-    report = tables.markdown_table(5, tables.TABLES[5], values)
+    report = tables.markdown_table(5, tables.TABLES[5], values, {"seeds": [0, 1], "num_samples": 2000})
+    assert "Measured with: seeds [0, 1], num_samples 2000." in report
     assert "| Rectified flow | 31.00 ± 1.00 | 20.00 ± 0.00 | 9.00 ± 0.00 | 37.19 | 18.6 | 12.92 |" in report
     assert ("- heun 5, best first: ours w/ RNE & QAC < w/ QAC only < w/ RNE only < Rectified flow; paper w/ RNE & "
             "QAC < w/ QAC only < w/ RNE only < Rectified flow") in report
     assert "- heun 9, best first: ours Rectified flow < w/ RNE only < w/ QAC only < w/ RNE & QAC;" in report
+
+
+def test_a_model_folder_trained_otherwise_is_refused(tmp_path):
+    args = tables.parse_args(["--work_dir", str(tmp_path)])
+    trained = vars(train_qac.parse_args([*tables.MODEL_FLAGS["qac"], "--max_train_steps", "1200"]))
+    (tmp_path / "training_config.json").write_text(json.dumps({"args": trained}))
+    tables.check_reused_model(args, tmp_path, tables.MODEL_FLAGS["qac"])
+    edm = {**trained, "formulation": "edm"}  # e.g. few_step_quality.py's "qac-seed0"
+    (tmp_path / "training_config.json").write_text(json.dumps({"args": edm}))
+    with pytest.raises(ValueError, match=r"'formulation': \('edm', 'rectified_flow'\)"):
+        tables.check_reused_model(args, tmp_path, tables.MODEL_FLAGS["qac"])
