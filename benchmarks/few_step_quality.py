@@ -97,11 +97,18 @@ def split_dataset(args: argparse.Namespace, work_dir: Path):
         partial.mkdir(parents=True)
         for row in split["train"]:
             row["image"].save(partial / f"{row['example_index']:05d}.png")
-        if folder.is_dir():  # another run wrote the same split meanwhile
-            shutil.rmtree(partial)
-        else:
-            partial.rename(folder)
+        move_into_place(partial, folder)
     return split["train"], split["test"], folder
+
+
+def move_into_place(partial: Path, folder: Path) -> None:
+    """Rename the folder `partial` to `folder`, unless a concurrent run put the same folder there first."""
+    try:
+        partial.rename(folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(partial)
 
 
 def to_tensor(dataset, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +123,9 @@ def cached(model_dir: Path, key: str, measure, *args):
     measurements = json.loads(path.read_text()) if path.is_file() else {}
     if key not in measurements:
         measurements[key] = measure(*args)
-        path.write_text(json.dumps(measurements, indent=1))
+        partial = path.with_name(f"{path.name}.partial")  # renamed: a kill while writing leaves the old file
+        partial.write_text(json.dumps(measurements, indent=1))
+        os.replace(partial, path)
     return measurements[key]
 
 

@@ -20,10 +20,11 @@ one model each, use both cores; a third writes the report once both have finishe
     python benchmarks/few_step_quality_animal_mnist.py --only measure --models qac --seeds 0 --work_dir $W
     wait; python benchmarks/few_step_quality_animal_mnist.py --only report --work_dir $W
 
-Every record holds the classifier's held-out accuracy and the floors of the feature spaces it was measured in; a
-record measured in another feature space (the classifier is retrained in each new work dir: keep OMP_NUM_THREADS=1 so
-that it is the same) is refused. Within a session, a killed run resumes: finished models and every measurement
-written beside its model are reused, a model whose training was killed continues from its last checkpoint. Samplers
+The feature classifier is trained once and kept with the records (`feature-classifier/`, committed), so that every
+session measures in the same features; every record holds the classifier's held-out accuracy and the floors of the
+feature spaces it was measured in, and a record measured in other ones is refused. Within a session, a killed run
+resumes: finished models and every measurement written beside its model are reused, a model whose training was killed
+continues from its last checkpoint. Samplers
 are an option: `--solvers`, any of `qac_diffusers.schedulers.SOLVERS` (Karras schedules) or of
 `few_step_quality.EXTRA_SAMPLERS`.
 """
@@ -31,7 +32,6 @@ are an option: `--solvers`, any of `qac_diffusers.schedulers.SOLVERS` (Karras sc
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.inception_samples > args.num_samples:
         raise ValueError(f"--inception_samples {args.inception_samples} must be <= --num_samples {args.num_samples}.")
+    if "ipndm" not in args.solvers or args.reference_nfe in args.nfe:
+        raise ValueError(f"The many-step reference is iPNDM's at --reference_nfe {args.reference_nfe}: --solvers must "
+                         f"name ipndm (got {args.solvers}) and --nfe must not hold the reference (got {args.nfe}).")
     return args
 
 
@@ -93,23 +96,21 @@ def cached_tensor(path: Path, compute, *args) -> torch.Tensor:
     return torch.load(path)
 
 
-def feature_classifier(work_dir: Path, train_images: torch.Tensor, train_labels: torch.Tensor) -> ClassifierFeatures:
-    """The classifier of the feature space, trained once (seed 0) and kept in `work_dir`."""
-    folder = work_dir / "feature-classifier"
+def feature_classifier(records_dir: Path, train_images: torch.Tensor, labels: torch.Tensor) -> ClassifierFeatures:
+    """The classifier of the feature space, trained once (seed 0) and kept with the records: every later session
+    measures in the same features (a classifier trained again on another machine could differ in its last bits)."""
+    folder = records_dir / "feature-classifier"
     if not (folder / "config.json").is_file():
-        classifier = train_feature_classifier(train_images, train_labels, seed=0)
-        partial = work_dir / f"feature-classifier.partial-{os.getpid()}"
+        classifier = train_feature_classifier(train_images, labels, seed=0)
+        partial = records_dir / f"feature-classifier.partial-{os.getpid()}"
         classifier.save_pretrained(partial)
-        if folder.exists():  # another run saved the same classifier meanwhile
-            shutil.rmtree(partial)
-        else:
-            os.replace(partial, folder)
+        fsq.move_into_place(partial, folder)
     return ClassifierFeatures.from_pretrained(folder).eval()
 
 
 # The settings a record was measured with; a record made with others is refused.
-RECORDED_SETTINGS = ("preset", "resolution", "max_train_steps", "train_batch_size", "holdout_fraction", "nfe",
-                     "reference_nfe", "solvers", "num_samples", "inception_samples", "curvature_samples",
+RECORDED_SETTINGS = ("dataset", "preset", "resolution", "max_train_steps", "train_batch_size", "holdout_fraction",
+                     "nfe", "reference_nfe", "solvers", "num_samples", "inception_samples", "curvature_samples",
                      "curvature_steps")
 
 
@@ -133,7 +134,7 @@ def feature_data(args, work_dir: Path, real: dict) -> dict:
     # The floors compare as many real images as there are samples: the Frechet distance's bias depends on the count.
     subset = real["train_images"][torch.randperm(len(real["train_images"]),
                                                  generator=torch.Generator().manual_seed(0))]
-    classifier = feature_classifier(work_dir, real["train_images"], real["train_labels"])
+    classifier = feature_classifier(Path(args.records_dir), real["train_images"], real["train_labels"])
     classifier_heldout = extract_features(classifier, real["heldout_images"])
     inception = InceptionFeatures()
     inception_heldout = cached_tensor(
@@ -203,46 +204,53 @@ def measure_model(args, work_dir: Path, model: str, seed: int, real: dict, featu
 
 
 def current_commit() -> str:
-    """The repository's HEAD commit, with "+changes" when the work tree differs from it."""
+    """The repository's HEAD commit, with "+changes" when the code in the work tree differs from it."""
     def git(*command: str) -> str:
         return subprocess.run(["git", *command], cwd=fsq.REPO_ROOT, capture_output=True, text=True).stdout.strip()
 
-    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no")
-                                                  else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if changed else "")
+
+
+def comparable(value):
+    """A setting as compared between a record and this run: lists (NFEs, solvers) in any order."""
+    return sorted(value) if isinstance(value, list) else value
 
 
 def check_record(args, record: dict, feature_space: dict | None) -> None:
     """Refuse a record measured with other settings, or in another feature space than `feature_space`."""
     name = f"The record {record['model']}-seed{record['seed']}.json in {args.records_dir}"
-    settings = {key: vars(args)[key] for key in RECORDED_SETTINGS}
-    differing = {key: (record["settings"][key], value) for key, value in settings.items()
-                 if record["settings"][key] != value}
+    recorded_settings = record["settings"]
+    differing = {key: (recorded_settings.get(key, "<absent>"), vars(args)[key]) for key in RECORDED_SETTINGS
+                 if comparable(recorded_settings.get(key)) != comparable(vars(args)[key])}
     if differing:
         raise ValueError(f"{name} was measured with other settings ({{setting: (recorded, asked)}}: {differing}): "
                          "pass another --records_dir.")
     if feature_space is None:
         return
-    recorded = [record["feature_space"]["classifier_accuracy"], *record["feature_space"]["floors"].values()]
-    current = [feature_space["classifier_accuracy"], *feature_space["floors"].values()]
+    keys = sorted(feature_space["floors"])
+    recorded = [record["feature_space"]["classifier_accuracy"], *(record["feature_space"]["floors"][k] for k in keys)]
+    current = [feature_space["classifier_accuracy"], *(feature_space["floors"][k] for k in keys)]
     if not np.allclose(recorded, current, rtol=1e-3, atol=1e-6):
         raise ValueError(
-            f"{name} was measured in another feature space (classifier accuracy and floors {recorded}, here "
-            f"{current}): the feature classifier differs (another thread count?); run with OMP_NUM_THREADS=1, or "
-            "pass another --records_dir to measure every model anew."
+            f"{name} was measured in another feature space (classifier accuracy and floors {keys}: {recorded}, here "
+            f"{current}): the feature classifier or the real images differ; pass another --records_dir to measure "
+            "every model anew."
         )
 
 
 def load_records(args) -> dict:
-    """{(model, seed): record} of every recorded (model, seed) of the asked ones, all in one feature space."""
+    """{(model, seed): record} of every record in `--records_dir`, each checked against this run's settings and
+    against the first one's feature space."""
     records, first = {}, None
-    for seed in args.seeds:
-        for model in args.models:
-            path = Path(args.records_dir) / f"{model}-seed{seed}.json"
-            if path.is_file():
-                record = json.loads(path.read_text())
-                check_record(args, record, first)
-                first = first or record["feature_space"]
-                records[model, seed] = record
+    for path in sorted(Path(args.records_dir).glob("*-seed*.json")):
+        record = json.loads(path.read_text())
+        if path.name != f"{record['model']}-seed{record['seed']}.json":
+            raise ValueError(f"{path} holds the record of {record['model']}, seed {record['seed']}: its name must be "
+                             f"{record['model']}-seed{record['seed']}.json.")
+        check_record(args, record, first)
+        first = first or record["feature_space"]
+        records[record["model"], record["seed"]] = record
     return records
 
 
@@ -263,7 +271,8 @@ def gather(args, records: dict) -> dict:
                 for nfe, value in record[key].items():
                     gathered[key].setdefault(model, {}).setdefault(nfe, []).append(value)
             straight = gathered["straightness"].setdefault(model, {"curvature": [], "L_CFM": []})
-            straight["curvature"].append(record["curvature"]), straight["L_CFM"].append(record["L_CFM"])
+            straight["curvature"].append(record["curvature"])
+            straight["L_CFM"].append(record["L_CFM"])
             if record["code_usage"] is not None:
                 gathered["code_usage"][f"{model}-seed{seed}"] = record["code_usage"]
             gathered["training"][f"{model}-seed{seed}"] = {"images_per_second": record["images_per_second"]}
@@ -280,7 +289,7 @@ def best_distances(gathered: dict, model: str, nfe: str) -> list[float]:
 
 
 def solver_counts(solvers: list[str]) -> str:
-    """"ipndm" if every seed's best is iPNDM, else e.g. "ipndm x2, dpmsolver2"."""
+    """The best solvers of the seeds, counted: e.g. `ipndm x3`, or `ipndm x2, dpmsolver2`."""
     return ", ".join(name if count == 1 else f"{name} x{count}" for name, count in Counter(solvers).most_common())
 
 
@@ -404,28 +413,33 @@ def report(args, work_dir: Path, gathered: dict, real: dict) -> None:
     print(text, flush=True)
 
 
+def measure_missing(args, work_dir: Path, data_folder: Path, real: dict, recorded: dict) -> None:
+    """Train, measure and record every asked (model, seed) without a record; report each seed as it completes."""
+    missing = [(model, seed) for seed in args.seeds for model in args.models if (model, seed) not in recorded]
+    if not missing:
+        return
+    features = feature_data(args, work_dir, real)
+    for record in recorded.values():  # before hours of training: are the records in these features?
+        check_record(args, record, features["feature_space"])
+    for model, seed in missing:
+        fsq.train_model(args, data_folder, work_dir / f"{model}-seed{seed}", seed, fsq.MODEL_FLAGS[model])
+        record = measure_model(args, work_dir, model, seed, real, features)
+        path = Path(args.records_dir) / f"{model}-seed{seed}.json"
+        write_atomically(path, lambda partial: partial.write_text(json.dumps(record, indent=1)))
+        if args.only is None and model == args.models[-1] and (model, seed) != missing[-1]:
+            report(args, work_dir, gather(args, load_records(args)), real)
+
+
 def main() -> None:
     args = parse_args()
-    work_dir, records_dir = Path(args.work_dir), Path(args.records_dir)
-    for folder in (work_dir, records_dir, Path(args.results_dir)):
+    work_dir = Path(args.work_dir)
+    for folder in (work_dir, Path(args.records_dir), Path(args.results_dir)):
         folder.mkdir(parents=True, exist_ok=True)
     train_split, heldout_split, data_folder = fsq.split_dataset(args, work_dir)
-    real, features = real_data(args, train_split, heldout_split), None
-    load_records(args)  # refuse records of other settings before hours of training
-    for seed in args.seeds if args.only != "report" else []:
-        for model in args.models:
-            path = records_dir / f"{model}-seed{seed}.json"
-            if path.is_file():
-                continue
-            fsq.train_model(args, data_folder, work_dir / f"{model}-seed{seed}", seed, fsq.MODEL_FLAGS[model])
-            if features is None:
-                features = feature_data(args, work_dir, real)
-                for recorded in load_records(args).values():
-                    check_record(args, recorded, features["feature_space"])
-            record = measure_model(args, work_dir, model, seed, real, features)
-            write_atomically(path, lambda partial: partial.write_text(json.dumps(record, indent=1)))
-            if model == args.models[-1] and args.only is None:  # a seed is complete if all models are recorded
-                report(args, work_dir, gather(args, load_records(args)), real)
+    real = real_data(args, train_split, heldout_split)
+    recorded = load_records(args)  # refuses records of other settings
+    if args.only != "report":
+        measure_missing(args, work_dir, data_folder, real, recorded)
     if args.only != "measure":
         report(args, work_dir, gather(args, load_records(args)), real)
 

@@ -73,14 +73,42 @@ def test_records_of_other_settings_or_another_feature_space_are_refused(args):
     with pytest.raises(ValueError, match=r"other settings .*'max_train_steps': \(1400, 10\)"):
         animal.check_record(other, record, None)
     moved = {**SPACE, "floors": {**SPACE["floors"], "classifier": 2.1}}
-    with pytest.raises(ValueError, match="another feature space .*OMP_NUM_THREADS=1"):
+    with pytest.raises(ValueError, match=r"another feature space .*\[0.9, 2.0, 0.01, 30.0, 5.0\], here \[0.9, 2.1, "):
         animal.check_record(args, record, moved)
     animal.check_record(args, record, {**SPACE, "classifier_accuracy": 0.9 + 1e-7})  # float noise is accepted
-    write(args, record), write(args, {**make_record(args, "baseline", 0, 0), "feature_space": moved})
+    reordered = animal.parse_args(["--records_dir", args.records_dir, "--nfe", "5", "3", "--solvers", "dpmsolver2",
+                                   "ipndm"])
+    animal.check_record(reordered, record, SPACE)  # the same NFEs and solvers in another order
+    write(args, record)
+    write(args, {**make_record(args, "baseline", 0, 0), "feature_space": moved})
     with pytest.raises(ValueError, match="another feature space"):
+        animal.load_records(args)  # every record of the folder, not only those of the asked models and seeds
+
+
+def test_a_record_under_another_name_is_refused(args):
+    (Path(args.records_dir) / "qac-seed1.json").write_text(json.dumps(make_record(args, "qac", 0, shift=0)))
+    with pytest.raises(ValueError, match="holds the record of qac, seed 0: its name must be qac-seed0.json"):
         animal.load_records(args)
 
 
-def test_inception_samples_must_not_exceed_the_samples():
+def test_arguments_the_report_cannot_use_are_refused():
     with pytest.raises(ValueError, match="--inception_samples 600 must be <= --num_samples 500"):
         animal.parse_args(["--num_samples", "500", "--inception_samples", "600"])
+    with pytest.raises(ValueError, match="--solvers must name ipndm"):
+        animal.parse_args(["--solvers", "dpmsolver2"])
+    with pytest.raises(ValueError, match="--nfe must not hold the reference"):
+        animal.parse_args(["--nfe", "3", "30"])
+
+
+def test_report_only_trains_and_measures_nothing(tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise AssertionError("--only report trained or measured")
+
+    monkeypatch.setattr(animal.fsq, "train_model", refuse)
+    monkeypatch.setattr(animal, "feature_data", refuse)
+    monkeypatch.setattr(sys, "argv", ["bench", "--only", "report", "--dataset", "digits", "--resolution", "8",
+                                      "--work_dir", str(tmp_path / "work"), "--records_dir", str(tmp_path / "records"),
+                                      "--results_dir", str(tmp_path / "results")])
+    animal.main()
+    assert "No seed has all of ['baseline', 'qac'] recorded yet: no report written." in capsys.readouterr().out
+    assert not any((tmp_path / "results").iterdir())
