@@ -311,8 +311,9 @@ def best_tables(args, gathered: dict) -> list[str]:
         "## Best sampler per model and NFE, two feature spaces", "",
         "Each cell: mean ± std over seeds of each trained model's best sampler (in brackets: the solver with the "
         "lowest classifier Frechet distance of that model at that NFE, and on how many seeds; the reference NFE "
-        f"{args.reference_nfe} is iPNDM's). The floor row is real training images against the held-out split, with "
-        "as many images as the samples.", "",
+        f"{args.reference_nfe} is iPNDM's). Picking the lowest of several noisy values biases the classifier row "
+        "low, alike for both models; the Inception row measures the picked sampler on other features. The floor row "
+        "is real training images against the held-out split, with as many images as the samples.", "",
         f"### Classifier features ({args.num_samples} samples)", "", *header,
         *rows(lambda model, nfe: best_distances(gathered, model, nfe)),
         floor_row("real vs held-out", floors["classifier"]), "",
