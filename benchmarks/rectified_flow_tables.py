@@ -246,21 +246,28 @@ def measure(args, model_dir: Path, seed: int, column: str, classifier, heldout_f
             model_dir, key, few_step.measure_straightness, args, model_dir, heldout_images, seed, noise_encoder
         )
         return loss if column == "L_CFM" else curvature
-    pipe = QACPipeline.from_pretrained(model_dir)
-    pipe.set_progress_bar_config(disable=True)
     if column.startswith("rk45"):
         key = f"frechet_distance rk45 {args.num_samples} samples {args.rk45_batch_size} per solve"
         distance, nfe = few_step.cached(
-            model_dir, key, rk45_frechet_distance, pipe, args, seed, classifier, heldout_features
+            model_dir, key, lambda: rk45_frechet_distance(loaded(model_dir), args, seed, classifier, heldout_features)
         )
         return nfe if column == "rk45 NFE" else distance
     solver, nfe = column.split()
-    pipe.scheduler = pipe.formulation.solver(solver)
     key = f"frechet_distance {solver} nfe {nfe} {args.num_samples} samples"
     return few_step.cached(
-        model_dir, key, few_step.sample_frechet_distance, pipe, args.num_samples, int(nfe), seed, classifier,
-        heldout_features,
+        model_dir, key, lambda: few_step.sample_frechet_distance(
+            loaded(model_dir, solver), args.num_samples, int(nfe), seed, classifier, heldout_features
+        ),
     )
+
+
+def loaded(model_dir: Path, solver: str | None = None) -> QACPipeline:
+    """The pipeline in `model_dir` (with the formulation's `solver`): loaded only for a value not yet cached."""
+    pipe = QACPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    if solver is not None:
+        pipe.scheduler = pipe.formulation.solver(solver)
+    return pipe
 
 
 def measure_table(args, table: Table, work_dir: Path, classifier, heldout_features, heldout_images) -> dict:

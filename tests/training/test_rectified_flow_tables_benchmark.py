@@ -61,3 +61,19 @@ def test_a_model_folder_trained_otherwise_is_refused(tmp_path):
     (tmp_path / "training_config.json").write_text(json.dumps({"args": edm}))
     with pytest.raises(ValueError, match=r"'formulation': \('edm', 'rectified_flow'\)"):
         tables.check_reused_model(args, tmp_path, tables.MODEL_FLAGS["qac"])
+
+
+def test_a_cached_cell_loads_no_pipeline(tmp_path, monkeypatch):
+    args = tables.parse_args(["--work_dir", str(tmp_path), "--num_samples", "100"])
+    cached = {"frechet_distance heun nfe 5 100 samples": 12.5,
+              f"frechet_distance rk45 100 samples {args.rk45_batch_size} per solve": [11.0, 80]}
+    (tmp_path / "benchmark_measurements.json").write_text(json.dumps(cached))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached value loaded its pipeline")
+
+    monkeypatch.setattr(tables.QACPipeline, "from_pretrained", refuse)
+    assert tables.measure(args, tmp_path, 0, "heun 5", None, None, None) == 12.5
+    assert tables.measure(args, tmp_path, 0, "rk45 NFE", None, None, None) == 80
+    with pytest.raises(AssertionError, match="loaded its pipeline"):
+        tables.measure(args, tmp_path, 0, "heun 7", None, None, None)  # not cached: loads
