@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "report: report the recorded seeds, train and measure nothing.")
     parser.set_defaults(
         dataset="animal-mnist", preset="tiny", resolution=28, max_train_steps=1400, train_batch_size=64,
-        checkpointing_steps=200, num_samples=1000, reference_nfe=30, curvature_samples=250,
+        checkpointing_steps=200, num_samples=500, reference_nfe=30, curvature_samples=250,
     )
     args = parser.parse_args(argv)
     if args.inception_samples > args.num_samples:
