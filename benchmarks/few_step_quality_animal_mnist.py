@@ -60,8 +60,8 @@ from qac_diffusers.utils import image_grid  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = fsq.build_parser(__doc__)
-    parser.add_argument("--inception_samples", type=int, default=500,
-                        help="Samples per measurement in Inception features (1 CPU core: ~5 images/s).")
+    parser.add_argument("--inception_samples", type=int, default=300,
+                        help="Samples per measurement in Inception features (1 CPU core: ~2.5 images/s at 28x28).")
     parser.add_argument("--records_dir", default=str(fsq.REPO_ROOT / "benchmarks" / "results" /
                                                      "few_step_quality_animal-mnist_records"),
                         help="One JSON per measured (model, seed); a recorded one is neither trained nor measured.")
