@@ -7,6 +7,10 @@ from conftest import seeded
 from qac_diffusers import QACUNet2DModel
 
 
+# Outputs compared across code paths or with pinned values: the last float bits differ between CPUs (oneDNN kernels).
+LAST_BITS = {"rtol": 1e-5, "atol": 1e-6}
+
+
 def test_fresh_model_ignores_the_code_and_equals_unet2d(tiny_unet_config):
     torch.manual_seed(0)
     unet = UNet2DModel(**tiny_unet_config).eval()
@@ -91,7 +95,7 @@ def test_every_unet2d_argument_round_trips(tmp_path, extra):
     else:
         inputs = {"class_labels": torch.tensor([1])}
     expected = model(sample, 0.2, **inputs).sample
-    assert torch.equal(loaded(sample, 0.2, **inputs).sample, expected)
+    torch.testing.assert_close(loaded(sample, 0.2, **inputs).sample, expected, **LAST_BITS)
 
 
 def test_code_errors(tiny_models, tiny_unet_config):
@@ -129,8 +133,8 @@ def pinned_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def assert_pinned_output(output: torch.Tensor) -> None:
-    assert torch.equal(output[0, 0, :3, :3].flatten(), torch.tensor(PINNED_FIRST))
-    assert torch.equal(output[1, 0, -3:, -3:].flatten(), torch.tensor(PINNED_SECOND))
+    torch.testing.assert_close(output[0, 0, :3, :3].flatten(), torch.tensor(PINNED_FIRST), **LAST_BITS)
+    torch.testing.assert_close(output[1, 0, -3:, -3:].flatten(), torch.tensor(PINNED_SECOND), **LAST_BITS)
 
 
 def test_output_is_bit_identical_to_the_hook_implementation(tiny_models):
@@ -196,7 +200,7 @@ def test_a_forward_inside_a_forward_sees_only_its_own_code(tiny_models):
         outer = unet(sample, timestep, code=code).sample
     finally:
         hook.remove()
-    assert torch.equal(inner_outputs[0], expected_inner)
+    torch.testing.assert_close(inner_outputs[0], expected_inner, **LAST_BITS)
     assert_pinned_output(outer)
 
 
