@@ -92,21 +92,26 @@ def split_dataset(args: argparse.Namespace, work_dir: Path):
     dataset = load_image_dataset(args.dataset)
     split = dataset.train_test_split(test_size=args.holdout_fraction, seed=0, stratify_by_column="label")
     folder = work_dir / f"{args.dataset}-train"
-    if not folder.is_dir():  # written beside and renamed: a killed or concurrent run leaves no partial folder
-        partial = work_dir / f"{args.dataset}-train.partial-{os.getpid()}"
-        partial.mkdir(parents=True)
-        for row in split["train"]:
-            row["image"].save(partial / f"{row['example_index']:05d}.png")
-        move_into_place(partial, folder)
+    if not folder.is_dir():
+        write_atomically(folder, lambda partial: save_images(split["train"], partial))
     return split["train"], split["test"], folder
 
 
-def move_into_place(partial: Path, folder: Path) -> None:
-    """Rename the folder `partial` to `folder`, unless a concurrent run put the same folder there first."""
+def save_images(split, folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for row in split:
+        row["image"].save(folder / f"{row['example_index']:05d}.png")
+
+
+def write_atomically(path: Path, write) -> None:
+    """`write(partial)` to a file or folder beside `path`, then renamed to `path`: a kill never leaves a partial one. A
+    folder that a concurrent run put in place first is kept (ours is dropped); a file is replaced."""
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    write(partial)
     try:
-        partial.rename(folder)
+        os.replace(partial, path)
     except OSError:
-        if not folder.is_dir():
+        if not path.is_dir():
             raise
         shutil.rmtree(partial)
 
@@ -123,9 +128,7 @@ def cached(model_dir: Path, key: str, measure, *args):
     measurements = json.loads(path.read_text()) if path.is_file() else {}
     if key not in measurements:
         measurements[key] = measure(*args)
-        partial = path.with_name(f"{path.name}.partial")  # renamed: a kill while writing leaves the old file
-        partial.write_text(json.dumps(measurements, indent=1))
-        os.replace(partial, path)
+        write_atomically(path, lambda partial: partial.write_text(json.dumps(measurements, indent=1)))
     return measurements[key]
 
 

@@ -31,7 +31,6 @@ are an option: `--solvers`, any of `qac_diffusers.schedulers.SOLVERS` (Karras sc
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -81,18 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def write_atomically(path: Path, write) -> None:
-    """`write(temporary_path)`, then renamed to `path`: a concurrent run or a kill never leaves a partial file."""
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    write(partial)
-    os.replace(partial, path)
-
-
 def cached_tensor(path: Path, compute, *args) -> torch.Tensor:
     """`compute(*args)`, saved to `path` once: a rerun loads it."""
     if not path.is_file():
         value = compute(*args)
-        write_atomically(path, lambda partial: torch.save(value, partial))
+        fsq.write_atomically(path, lambda partial: torch.save(value, partial))
     return torch.load(path)
 
 
@@ -102,9 +94,7 @@ def feature_classifier(records_dir: Path, train_images: torch.Tensor, labels: to
     folder = records_dir / "feature-classifier"
     if not (folder / "config.json").is_file():
         classifier = train_feature_classifier(train_images, labels, seed=0)
-        partial = records_dir / f"feature-classifier.partial-{os.getpid()}"
-        classifier.save_pretrained(partial)
-        fsq.move_into_place(partial, folder)
+        fsq.write_atomically(folder, classifier.save_pretrained)
     return ClassifierFeatures.from_pretrained(folder).eval()
 
 
@@ -426,7 +416,7 @@ def measure_missing(args, work_dir: Path, data_folder: Path, real: dict, recorde
         fsq.train_model(args, data_folder, work_dir / f"{model}-seed{seed}", seed, fsq.MODEL_FLAGS[model])
         record = measure_model(args, work_dir, model, seed, real, features)
         path = Path(args.records_dir) / f"{model}-seed{seed}.json"
-        write_atomically(path, lambda partial: partial.write_text(json.dumps(record, indent=1)))
+        fsq.write_atomically(path, lambda partial: partial.write_text(json.dumps(record, indent=1)))
         if args.only is None and model == args.models[-1] and (model, seed) != missing[-1]:
             report(args, work_dir, gather(args, load_records(args)), real)
 

@@ -112,3 +112,25 @@ def test_report_only_trains_and_measures_nothing(tmp_path, monkeypatch, capsys):
     animal.main()
     assert "No seed has all of ['baseline', 'qac'] recorded yet: no report written." in capsys.readouterr().out
     assert not any((tmp_path / "results").iterdir())
+
+
+def test_writes_are_renamed_into_place_and_a_concurrent_folder_is_kept(tmp_path):
+    record = tmp_path / "record.json"
+    animal.fsq.write_atomically(record, lambda partial: partial.write_text("old"))
+    animal.fsq.write_atomically(record, lambda partial: partial.write_text("new"))
+    assert record.read_text() == "new"
+
+    def save_folder(text: str):
+        def write(partial: Path) -> None:
+            partial.mkdir()
+            (partial / "config.json").write_text(text)
+        return write
+
+    folder = tmp_path / "feature-classifier"
+    animal.fsq.write_atomically(folder, save_folder("first"))
+    animal.fsq.write_atomically(folder, save_folder("second"))  # a concurrent run that finished later
+    assert (folder / "config.json").read_text() == "first"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["feature-classifier", "record.json"]
+
+    with pytest.raises(FileNotFoundError):  # a failed write is not hidden
+        animal.fsq.write_atomically(tmp_path / "missing.json", lambda partial: None)
