@@ -66,6 +66,15 @@ def _without_fitted_schedules(config) -> dict:
     return {key: value for key, value in config.items() if key not in FITTED_SCHEDULE_KEYS}
 
 
+def _for_diffusers(scheduler_class: type[SchedulerMixin], config) -> dict:
+    """
+    `config` without the settings only [`IPNDMScheduler`] has (its fitted schedules included): diffusers' `from_config`
+    would warn that they "are not expected and will be ignored", as it does not for its own schedulers' configs.
+    """
+    ipndm_only = IPNDMScheduler._get_init_keys(IPNDMScheduler) - scheduler_class._get_init_keys(scheduler_class)
+    return {key: value for key, value in config.items() if key not in ipndm_only}
+
+
 def _ipndm(config, variable_step: bool) -> IPNDMScheduler:
     """iPNDM with fixed or variable-step weights; it keeps fitted schedules only if they were fitted for it."""
     if config.get("variable_step", False) != variable_step:
@@ -77,13 +86,13 @@ SOLVERS = {
     "ipndm": lambda config: _ipndm(config, variable_step=False),
     "ipndm_variable": lambda config: _ipndm(config, variable_step=True),
     "euler": lambda config: EDMEulerSigmaMinScheduler.from_config(
-        _without_fitted_schedules(config), **_explicit(config)
+        _for_diffusers(EDMEulerSigmaMinScheduler, config), **_explicit(config)
     ),
     "dpmsolver2": lambda config: EDMDPMSolverMultistepSigmaMinScheduler.from_config(
-        _without_fitted_schedules(config), **_explicit(config), solver_order=2
+        _for_diffusers(EDMDPMSolverMultistepSigmaMinScheduler, config), **_explicit(config), solver_order=2
     ),
     "dpmsolver3": lambda config: EDMDPMSolverMultistepSigmaMinScheduler.from_config(
-        _without_fitted_schedules(config), **_explicit(config), solver_order=3
+        _for_diffusers(EDMDPMSolverMultistepSigmaMinScheduler, config), **_explicit(config), solver_order=3
     ),
 }
 

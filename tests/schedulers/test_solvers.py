@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+from diffusers.utils import logging as diffusers_logging
+from diffusers.utils.testing_utils import CaptureLogger
 
 from conftest import make_tiny_pipeline, seeded
 from qac_diffusers import IPNDMScheduler, QACPipeline
@@ -145,3 +147,14 @@ def test_solvers_by_name_share_the_sigma_range():
     assert isinstance(dpm, EDMDPMSolverMultistepScheduler) and dpm.config.solver_order == 3
     with pytest.raises(ValueError, match="Unknown solver 'heun'"):
         solver_from_config("heun", config)
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmsolver2"])
+def test_diffusers_solvers_are_built_from_an_ipndm_config_without_warnings(name):
+    fitted = [[60.0, 5.0, 1.0, 0.002]]
+    config = IPNDMScheduler(sigma_max=60.0, max_order=3, variable_step=True, fitted_sigmas=fitted).config
+    logger = diffusers_logging.get_logger("diffusers.configuration_utils")
+    with CaptureLogger(logger) as captured:
+        solver = solver_from_config(name, config)
+    assert captured.out == ""
+    assert solver.config.sigma_max == 60.0 and "fitted_sigmas" not in solver.config
