@@ -61,10 +61,14 @@ def fitted_scheduler(model_dir: Path, pipe: QACPipeline, seed: int) -> IPNDMSche
         started = time.perf_counter()
         fit = fit_schedules(pipe, generator=torch.Generator().manual_seed(seed))
         seconds = time.perf_counter() - started
-        fit.scheduler.save_pretrained(folder)
         facts = {"seconds": seconds, "num_model_calls": fit.num_model_calls,
                  "formula_distances": fit.formula_distances, "fitted_distances": fit.fitted_distances}
-        (folder / "fit_facts.json").write_text(json.dumps(facts, indent=1))
+
+        def save(partial: Path) -> None:  # the scheduler and its facts together: a kill between them leaves neither
+            fit.scheduler.save_pretrained(partial)
+            (partial / "fit_facts.json").write_text(json.dumps(facts, indent=1))
+
+        few_step.write_atomically(folder, save)
     return IPNDMScheduler.from_pretrained(folder)
 
 

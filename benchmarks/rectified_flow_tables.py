@@ -384,7 +384,7 @@ def main() -> None:
         saved["tables"][str(number)] = values
         saved.setdefault("table_settings", {})[str(number)] = {key: vars(args)[key] for key in TABLE_SETTINGS}
         saved.update(args=vars(args), real_vs_heldout=floor, classifier_accuracy=accuracy)
-        json_path.write_text(json.dumps(saved, indent=1))
+        few_step.write_atomically(json_path, lambda partial: partial.write_text(json.dumps(saved, indent=1)))
         write_report(args, saved["tables"], saved["table_settings"], saved["commands"], floor, accuracy, results_dir)
     print((results_dir / args.results_name).with_suffix(".md").read_text())
 
