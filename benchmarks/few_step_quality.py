@@ -104,16 +104,29 @@ def save_images(split, folder: Path) -> None:
 
 
 def write_atomically(path: Path, write) -> None:
-    """`write(partial)` to a file or folder beside `path`, then renamed to `path`: a kill never leaves a partial one. A
-    folder that a concurrent run put in place first is kept (ours is dropped); a file is replaced."""
+    """`write(partial)` to a file or folder beside `path`, then renamed to `path`: a kill never leaves a partial one, and
+    a `write` that raises leaves nothing. A folder that a concurrent run put in place first is kept (ours is dropped); a
+    file is replaced."""
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    write(partial)
+    try:
+        write(partial)
+    except BaseException:
+        remove(partial)
+        raise
     try:
         os.replace(partial, path)
     except OSError:
         if not path.is_dir():
             raise
-        shutil.rmtree(partial)
+        remove(partial)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder, if there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def to_tensor(dataset, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,3 +134,12 @@ def test_writes_are_renamed_into_place_and_a_concurrent_folder_is_kept(tmp_path)
 
     with pytest.raises(FileNotFoundError):  # a failed write is not hidden
         animal.fsq.write_atomically(tmp_path / "missing.json", lambda partial: None)
+
+    def fail_halfway(partial: Path) -> None:
+        partial.mkdir()
+        (partial / "config.json").write_text("half")
+        raise RuntimeError("killed by the test")
+
+    with pytest.raises(RuntimeError, match="killed by the test"):  # and leaves no partial folder behind
+        animal.fsq.write_atomically(tmp_path / "half-written", fail_halfway)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["feature-classifier", "record.json"]
