@@ -104,9 +104,9 @@ def save_images(split, folder: Path) -> None:
 
 
 def write_atomically(path: Path, write) -> None:
-    """`write(partial)` to a file or folder beside `path`, then renamed to `path`: a kill never leaves a partial one, and
-    a `write` that raises leaves nothing. A folder that a concurrent run put in place first is kept (ours is dropped); a
-    file is replaced."""
+    """`write(partial)` to a file or folder beside `path`, then renamed to `path`: a kill never leaves a partial one,
+    and a `write` that raises leaves nothing. A folder that a concurrent run put in place first is kept (ours is
+    dropped); a file is replaced."""
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     try:
         write(partial)
