@@ -37,7 +37,13 @@ from qac_diffusers.formulations.edm import EDM_P_MEAN, EDM_P_STD
 from qac_diffusers.models import GaussianConditionEncoder, NoiseEncoder, encode_jointly
 from qac_diffusers.models.gaussian_condition_encoder import check_prior_weight
 from qac_diffusers.models.noise_encoder import PAPER_BETA
-from qac_diffusers.schedulers.schedule_fitting import DEFAULT_FIT_NFE, check_fit_nfe, fit_schedules
+from qac_diffusers.schedulers.schedule_fitting import (
+    DEFAULT_FIT_NFE,
+    DEFAULT_SEARCH_SAMPLES,
+    DEFAULT_VALIDATION_SAMPLES,
+    check_fit_nfe,
+    fit_schedules,
+)
 from qac_diffusers.training import ImageTransform, infer_num_channels, load_image_dataset
 from qac_diffusers.training.checkpoints import (
     CHECKPOINT_PREFIX,
@@ -174,8 +180,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "pass the flag without values to keep the Karras schedule.",
     )
     logs.add_argument(
-        "--fit_schedule_samples", type=int, default=256,
-        help="Noise draws the fitted schedules are compared on: more cost more and make the choice less noisy.",
+        "--fit_schedule_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,
+        help="Noise draws the search compares candidate schedules on: more cost more and make the choice less noisy.",
+    )
+    logs.add_argument(
+        "--fit_schedule_validation_samples", type=int, default=DEFAULT_VALIDATION_SAMPLES,
+        help="Fresh noise draws on which each fitted schedule must beat the Karras schedule again to be kept.",
     )
     logs.add_argument("--checkpointing_steps", type=int, default=1000)
     logs.add_argument("--checkpoints_total_limit", type=int)
@@ -232,10 +242,12 @@ def check_args(args: argparse.Namespace) -> None:
             "(t ~ U(1e-5, 1)): drop them, or train with --formulation edm."
         )
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "validation_steps",
-                 "checkpointing_steps", "num_validation_images", "validation_nfe", "logging_steps",
-                 "fit_schedule_samples"):
+                 "checkpointing_steps", "num_validation_images", "validation_nfe", "logging_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    for name in ("fit_schedule_samples", "fit_schedule_validation_samples"):
+        if getattr(args, name) < 2:
+            raise ValueError(f"--{name} must be >= 2 (a covariance needs two draws), got {getattr(args, name)}.")
     if args.fit_schedule_nfe:
         check_fit_nfe(args.fit_schedule_nfe)
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -691,7 +703,8 @@ class Trainer:
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(self.args.seed)
         fit = fit_schedules(
-            pipeline, self.args.fit_schedule_nfe, num_samples=self.args.fit_schedule_samples, generator=generator
+            pipeline, self.args.fit_schedule_nfe, num_samples=self.args.fit_schedule_samples, generator=generator,
+            num_validation_samples=self.args.fit_schedule_validation_samples,
         )
         pipeline.scheduler = fit.scheduler
         seconds = time.perf_counter() - started

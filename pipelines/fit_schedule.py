@@ -15,15 +15,27 @@ from pathlib import Path
 import torch
 
 from qac_diffusers import QACPipeline
-from qac_diffusers.schedulers.schedule_fitting import fit_schedules
+from qac_diffusers.schedulers.schedule_fitting import (
+    DEFAULT_FIT_NFE,
+    DEFAULT_SEARCH_SAMPLES,
+    DEFAULT_TEACHER_STEPS,
+    DEFAULT_VALIDATION_SAMPLES,
+    fit_schedules,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="A folder written by train_qac.py or a Hub repo id.")
-    parser.add_argument("--nfe", type=int, nargs="+", default=[3, 4, 5, 6, 7, 8, 9, 10])
-    parser.add_argument("--num_samples", type=int, default=256, help="Noise draws the candidates are compared on.")
-    parser.add_argument("--teacher_steps", type=int, default=64, help="Model calls of the converged teacher.")
+    parser.add_argument("--nfe", type=int, nargs="+", default=list(DEFAULT_FIT_NFE))
+    parser.add_argument("--num_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,
+                        help="Noise draws the search compares candidates on.")
+    parser.add_argument(
+        "--validation_samples", type=int, default=DEFAULT_VALIDATION_SAMPLES,
+        help="Fresh noise draws on which a fitted schedule must beat the Karras schedule again to be kept.",
+    )
+    parser.add_argument("--teacher_steps", type=int, default=DEFAULT_TEACHER_STEPS,
+                        help="Model calls of the converged teacher.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -41,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     fit = fit_schedules(
         pipe, args.nfe, num_samples=args.num_samples, teacher_steps=args.teacher_steps,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(args.seed), num_validation_samples=args.validation_samples,
     )
     seconds = time.perf_counter() - started
     pipe.scheduler = fit.scheduler
@@ -49,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         pipe.scheduler.save_pretrained(Path(args.model) / "scheduler")
     else:
         pipe.save_pretrained(args.output_dir)
-    print(f"Fitted in {seconds:.1f} s ({fit.num_model_calls} UNet calls on {args.num_samples} images each).")
+    print(f"Fitted in {seconds:.1f} s: {fit.num_model_calls} UNet calls on {args.num_samples} images in the search, "
+          f"{fit.num_validation_model_calls} on {args.validation_samples} in the validation.")
     print("NFE  distance to the teacher, search draws: Karras -> fitted; fresh draws: Karras -> fitted   schedule")
     fitted = dict(zip(pipe.scheduler.fitted_num_inference_steps, pipe.scheduler.config.fitted_sigmas or []))
     for nfe in sorted(args.nfe):

@@ -37,6 +37,10 @@ from .scheduling_ipndm import IPNDMScheduler
 # The NFE `fit_schedules` fits by default (train_qac.py too): the few-step range, where the formula has its holes.
 DEFAULT_FIT_NFE = (3, 4, 5, 6, 7, 8, 9, 10)
 DEFAULT_TEACHER_STEPS = 64
+# Noise draws of the search and of the validation, and the search's steps in log sigma (README "Fitted schedules").
+DEFAULT_SEARCH_SAMPLES = 64
+DEFAULT_VALIDATION_SAMPLES = 256
+DEFAULT_LOG_STEPS = (0.5, 0.2)
 # Sampler states kept for runs that share their first points (each: the sample, up to 4 derivatives, a model output).
 MAX_KEPT_STATES = 32
 # Pixel features are average-pooled to at most this many dimensions, so that a covariance stays cheap to compare.
@@ -61,7 +65,10 @@ class ScheduleFitOutput(BaseOutput):
             Both again on fresh noise draws; the scheduler holds the fitted schedules of the NFEs where the fitted
             one is closer there (`scheduler.fitted_num_inference_steps`). Empty when the fit was not validated.
         num_model_calls (`int`):
-            The UNet calls the fit made, teachers included, each on a batch of `num_samples` images.
+            The UNet calls of the search, its teacher included, each on a batch of `num_samples` images.
+        num_validation_model_calls (`int`):
+            The UNet calls of the validation, its teacher included, each on a batch of `num_validation_samples`
+            images (0 when the fit was not validated).
     """
 
     scheduler: IPNDMScheduler
@@ -70,6 +77,7 @@ class ScheduleFitOutput(BaseOutput):
     validation_formula_distances: dict[int, float]
     validation_fitted_distances: dict[int, float]
     num_model_calls: int
+    num_validation_model_calls: int
 
 
 def pixel_features(images: torch.Tensor) -> torch.Tensor:
@@ -192,15 +200,16 @@ def check_fit_nfe(num_inference_steps: Sequence[int], teacher_steps: int = DEFAU
         )
 
 
-def _check_fit_inputs(pipeline, num_inference_steps: Sequence[int], num_samples: int, teacher_steps: int) -> None:
+def _check_fit_inputs(pipeline, num_inference_steps: Sequence[int], teacher_steps: int, sample_counts: dict) -> None:
     if not isinstance(pipeline.scheduler, IPNDMScheduler):
         raise ValueError(
             f"Schedules are fitted for the IPNDMScheduler, got {type(pipeline.scheduler).__name__}: set "
             "`pipe.scheduler = solver_from_config('ipndm', pipe.scheduler.config)` first."
         )
     check_fit_nfe(num_inference_steps, teacher_steps)
-    if not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"`num_samples` must be an integer >= 2 (a covariance needs two), got {num_samples!r}.")
+    for name, count in sample_counts.items():
+        if not isinstance(count, int) or count < 2:
+            raise ValueError(f"`{name}` must be an integer >= 2 (a covariance needs two), got {count!r}.")
 
 
 def coordinate_descent(distance, sigmas: list[float], log_steps: Sequence[float]) -> tuple[list[float], float]:
@@ -291,11 +300,12 @@ def _validate(distance: ScheduleDistance, fitted_sigmas: Sequence[Sequence[float
 def fit_schedules(
     pipeline,
     num_inference_steps: Sequence[int] = DEFAULT_FIT_NFE,
-    num_samples: int = 256,
+    num_samples: int = DEFAULT_SEARCH_SAMPLES,
     teacher_steps: int = DEFAULT_TEACHER_STEPS,
     generator: torch.Generator | None = None,
-    log_steps: Sequence[float] = (0.5, 0.25, 0.125),
+    log_steps: Sequence[float] = DEFAULT_LOG_STEPS,
     validate: bool = True,
+    num_validation_samples: int = DEFAULT_VALIDATION_SAMPLES,
     progress_bar: bool = True,
 ) -> ScheduleFitOutput:
     """
@@ -309,25 +319,31 @@ def fit_schedules(
     than the first descent ended, and the closer result is kept. So a fitted schedule is never further from the
     teacher than the formula; a second start alone could waste the new call (a point inserted next to sigma_min
     changes nothing, and the descent from there stayed put on our digits baseline at NFE 5 and 6). Then, with
-    `validate`, [`validate_schedules`] scores every fitted schedule and the formula again on `num_samples` fresh draws
-    of `generator`, and the scheduler keeps only the fitted schedules that are closer there: a schedule that won on the
-    search's draws by their chance alone goes back to the formula. Everything is deterministic given `generator`.
+    `validate`, [`validate_schedules`] scores every fitted schedule and the formula again on `num_validation_samples`
+    fresh draws of `generator`, and the scheduler keeps only the fitted schedules that are closer there: a schedule
+    that won on the search's draws by their chance alone goes back to the formula. Everything is deterministic given
+    `generator`.
 
     Args:
         pipeline ([`QACPipeline`]): A trained pipeline whose scheduler is an [`IPNDMScheduler`].
         num_inference_steps (`Sequence[int]`): The NFEs to fit; `set_timesteps` keeps the formula at any other.
-        num_samples (`int`, defaults to 256): Noise draws the distances are measured on.
+        num_samples (`int`, defaults to 64): Noise draws the search measures its distances on.
         teacher_steps (`int`, defaults to 64): Model calls of the teacher; more than the largest NFE.
         generator (`torch.Generator`, *optional*): The random source of the noise and the codes.
-        log_steps (`Sequence[float]`): The step sizes of the search in log sigma, largest first.
+        log_steps (`Sequence[float]`, defaults to `(0.5, 0.2)`): The step sizes of the search in log sigma, largest
+            first.
         validate (`bool`, defaults to `True`): Keep only the fitted schedules that are closer than the formula on
             fresh noise draws too.
+        num_validation_samples (`int`, defaults to 256): The fresh noise draws of the validation.
         progress_bar (`bool`, defaults to `True`): Show one bar step per NFE.
 
     Returns:
         [`ScheduleFitOutput`]: the scheduler to set on the pipeline, with the distances before and after.
     """
-    _check_fit_inputs(pipeline, num_inference_steps, num_samples, teacher_steps)
+    _check_fit_inputs(
+        pipeline, num_inference_steps, teacher_steps,
+        {"num_samples": num_samples, "num_validation_samples": num_validation_samples},
+    )
     distance = ScheduleDistance(pipeline, num_samples, teacher_steps, generator)
     fitted, formula_distances, fitted_distances = [], {}, {}
     bar = tqdm(sorted(num_inference_steps), desc="Fitting schedules", disable=not progress_bar)
@@ -338,11 +354,11 @@ def fit_schedules(
         sigmas, fitted_distances[nfe] = _fit_one(distance, formula, below, log_steps)
         fitted.append(sigmas)
         bar.set_postfix(nfe=nfe, formula=f"{formula_distances[nfe]:.3g}", fitted=f"{fitted_distances[nfe]:.3g}")
-    num_model_calls, validation = distance.num_model_calls, ({}, {})
+    validation, num_validation_model_calls = ({}, {}), 0
     if validate:
-        check = ScheduleDistance(pipeline, num_samples, teacher_steps, generator)
+        check = ScheduleDistance(pipeline, num_validation_samples, teacher_steps, generator)
         fitted, *validation = _validate(check, fitted)
-        num_model_calls += check.num_model_calls
+        num_validation_model_calls = check.num_model_calls
     fingerprint = model_fingerprint(pipeline.unet, pipeline.encoder) if fitted else None
     scheduler = IPNDMScheduler.from_config(
         {**distance.config, "fitted_sigmas": fitted or None, "fitted_model_fingerprint": fingerprint}
@@ -350,5 +366,5 @@ def fit_schedules(
     return ScheduleFitOutput(
         scheduler=scheduler, formula_distances=formula_distances, fitted_distances=fitted_distances,
         validation_formula_distances=validation[0], validation_fitted_distances=validation[1],
-        num_model_calls=num_model_calls,
+        num_model_calls=distance.num_model_calls, num_validation_model_calls=num_validation_model_calls,
     )

@@ -25,6 +25,7 @@ from qac_diffusers.schedulers.schedule_fitting import (
 
 FIT_NFES = [1, 2]
 FIT_SETTINGS = {"num_samples": 6, "teacher_steps": 3}
+FIT_KWARGS = {**FIT_SETTINGS, "num_validation_samples": 6}  # fit_schedules: the validation on 6 draws too
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def test_validation_keeps_the_schedules_that_are_closer_on_fresh_draws(fitted):
     distance = ScheduleDistance(pipe, **FIT_SETTINGS, generator=seeded(5))
     assert validate_schedules(pipe, [distance.formula_sigmas(2)], **FIT_SETTINGS, generator=seeded(5))[0] == []
 
-    validated = fit_schedules(pipe, FIT_NFES, **FIT_SETTINGS, generator=seeded(0), progress_bar=False)
+    validated = fit_schedules(pipe, FIT_NFES, **FIT_KWARGS, generator=seeded(0), progress_bar=False)
     assert validated.fitted_distances == output.fitted_distances  # the same search, then the validation
     closer = [nfe for nfe in FIT_NFES
               if validated.validation_fitted_distances[nfe] < validated.validation_formula_distances[nfe]]
@@ -158,10 +159,26 @@ def test_validation_keeps_the_schedules_that_are_closer_on_fresh_draws(fitted):
     assert validated.validation_formula_distances != output.formula_distances  # fresh draws
 
 
+def test_validation_draws_its_own_number_of_samples_after_the_search():
+    pipe = make_tiny_pipeline()
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    output = fit_schedules(pipe, FIT_NFES, **FIT_SETTINGS, num_validation_samples=7, generator=seeded(0),
+                           progress_bar=False)
+    hook.remove()
+    assert calls.count(6) == output.num_model_calls and calls.count(7) == output.num_validation_model_calls > 0
+    generator = seeded(0)
+    ScheduleDistance(pipe, **FIT_SETTINGS, generator=generator)  # the search's draws come first
+    fitted_sigmas = fit_schedules(pipe, FIT_NFES, **FIT_SETTINGS, generator=seeded(0), validate=False,
+                                  progress_bar=False).scheduler.config.fitted_sigmas
+    _, formula, fitted_distances = validate_schedules(pipe, fitted_sigmas, 7, 3, generator)
+    assert formula == output.validation_formula_distances and fitted_distances == output.validation_fitted_distances
+
+
 def test_validation_counts_calls_without_the_analytical_first_step():
     pipe = make_tiny_pipeline()
     pipe.scheduler = IPNDMScheduler(analytical_first_step=False)  # NFE n: n + 1 sigmas, not n + 2
-    output = fit_schedules(pipe, [1, 2], **FIT_SETTINGS, generator=seeded(0), progress_bar=False)
+    output = fit_schedules(pipe, [1, 2], **FIT_KWARGS, generator=seeded(0), progress_bar=False)
     assert sorted(output.validation_formula_distances) == sorted(output.validation_fitted_distances) == [1, 2]
     distance = ScheduleDistance(pipe, **FIT_SETTINGS, generator=seeded(0))
     assert output.formula_distances[2] == distance(distance.formula_sigmas(2))
@@ -237,7 +254,8 @@ def test_scheduler_refuses_bad_fitted_schedules(fitted_sigmas, message):
         ({"num_inference_steps": [0, 3]}, "non-empty list of integers >= 1"),
         ({"num_inference_steps": [3, 3]}, "list one twice"),
         ({"num_inference_steps": [5], "teacher_steps": 5}, "must exceed the largest NFE fitted"),
-        ({"num_inference_steps": [3], "num_samples": 1}, "an integer >= 2"),
+        ({"num_inference_steps": [3], "num_samples": 1}, "`num_samples` must be an integer >= 2"),
+        ({"num_inference_steps": [3], "num_validation_samples": 1.5}, "`num_validation_samples` must be an integer"),
     ],
 )
 def test_fit_refuses_bad_input(kwargs, message):
@@ -274,9 +292,9 @@ def test_fit_schedule_script_writes_the_model_folders_scheduler(fitted, tmp_path
     pipe.save_pretrained(tmp_path / "model")
     script = load_script("fit_schedule")
     script.main(["--model", str(tmp_path / "model"), "--nfe", "2", "1", "--num_samples", "6", "--teacher_steps", "3",
-                 "--device", "cpu"])
+                 "--validation_samples", "6", "--device", "cpu"])
     loaded = QACPipeline.from_pretrained(tmp_path / "model")
-    validated = fit_schedules(pipe, [1, 2], **FIT_SETTINGS, generator=seeded(0), progress_bar=False)
+    validated = fit_schedules(pipe, [1, 2], **FIT_KWARGS, generator=seeded(0), progress_bar=False)
     assert loaded.scheduler.config.fitted_sigmas == validated.scheduler.config.fitted_sigmas  # same seed, same fit
     printed = capsys.readouterr().out
     assert "UNet calls" in printed and f"{output.fitted_distances[2]:<10.4g}" in printed

@@ -66,7 +66,8 @@ def sample(folder, seed: int = 0) -> torch.Tensor:
         (["--no_condition", "--code_dim", "8"], "--no_condition trains without codes"),
         (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),
         (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1"),
-        (["--fit_schedule_samples", "0"], "--fit_schedule_samples must be >= 1"),
+        (["--fit_schedule_samples", "1"], "--fit_schedule_samples must be >= 2"),
+        (["--fit_schedule_validation_samples", "1"], "--fit_schedule_validation_samples must be >= 2"),
         (["--fit_schedule_nfe", "0", "3"], "NFE to fit must be a non-empty list of integers >= 1"),
         (["--fit_schedule_nfe", "64"], "must exceed the largest NFE fitted"),
         (["--hub_model_id", "me/model"], "need --push_to_hub"),
@@ -271,7 +272,8 @@ def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
 
 
 def test_fits_the_sampling_schedules_after_training(tmp_path):
-    train(tmp_path, "--max_train_steps", "2", "--fit_schedule_nfe", "2", "1", "--fit_schedule_samples", "16")
+    train(tmp_path, "--max_train_steps", "2", "--fit_schedule_nfe", "2", "1", "--fit_schedule_samples", "16",
+          "--fit_schedule_validation_samples", "12")
     fit = json.loads((tmp_path / "training_summary.json").read_text())["schedule_fit"]
     assert 0 < fit["seconds"] and 0 < fit["training_seconds"]
     assert all(fit["fitted_distances"][nfe] <= fit["formula_distances"][nfe] for nfe in ("1", "2"))
@@ -298,7 +300,8 @@ def test_tensorboard_logs_losses_code_usage_and_sample_grids(tmp_path):
 
     train_qac.main(["--output_dir", str(tmp_path), "--train_batch_size", "512", "--max_train_steps", "2",
                     "--validation_steps", "2", "--num_validation_images", "4", "--report_to", "tensorboard",
-                    "--fit_schedule_nfe", "1", "--fit_schedule_samples", "8"])  # a list, which TensorBoard refuses
+                    "--fit_schedule_nfe", "1", "--fit_schedule_samples", "8",  # a list, which TensorBoard refuses
+                    "--fit_schedule_validation_samples", "8"])
     events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     assert {"loss", "lr", "batch_distinct_codes", "code_weights/entropy_bits"} <= set(events.Tags()["scalars"])
