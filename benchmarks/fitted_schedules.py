@@ -31,7 +31,13 @@ import torch  # noqa: E402
 from qac_diffusers import IPNDMScheduler, QACPipeline  # noqa: E402
 from qac_diffusers.metrics import extract_features, frechet_distance, train_feature_classifier  # noqa: E402
 from qac_diffusers.schedulers import solver_from_config  # noqa: E402
-from qac_diffusers.schedulers.schedule_fitting import fit_schedules  # noqa: E402
+from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
+    DEFAULT_LOG_STEPS,
+    DEFAULT_SEARCH_SAMPLES,
+    DEFAULT_TEACHER_STEPS,
+    DEFAULT_VALIDATION_SAMPLES,
+    fit_schedules,
+)
 
 
 KARRAS_SOLVERS = ["ipndm", "ipndm_variable", "dpmsolver2"]
@@ -62,7 +68,10 @@ def fitted_scheduler(model_dir: Path, pipe: QACPipeline, seed: int) -> IPNDMSche
         fit = fit_schedules(pipe, generator=torch.Generator().manual_seed(seed))
         seconds = time.perf_counter() - started
         facts = {"seconds": seconds, "num_model_calls": fit.num_model_calls,
-                 "formula_distances": fit.formula_distances, "fitted_distances": fit.fitted_distances}
+                 "num_validation_model_calls": fit.num_validation_model_calls, "images_denoised": images_denoised(fit),
+                 "formula_distances": fit.formula_distances, "fitted_distances": fit.fitted_distances,
+                 "validation_formula_distances": fit.validation_formula_distances,
+                 "validation_fitted_distances": fit.validation_fitted_distances}
 
         def save(partial: Path) -> None:  # the scheduler and its facts together: a kill between them leaves neither
             fit.scheduler.save_pretrained(partial)
@@ -70,6 +79,11 @@ def fitted_scheduler(model_dir: Path, pipe: QACPipeline, seed: int) -> IPNDMSche
 
         few_step.write_atomically(folder, save)
     return IPNDMScheduler.from_pretrained(folder)
+
+
+def images_denoised(fit) -> int:
+    """The images the fit's UNet calls denoised, search and validation, at the library's default draws."""
+    return fit.num_model_calls * DEFAULT_SEARCH_SAMPLES + fit.num_validation_model_calls * DEFAULT_VALIDATION_SAMPLES
 
 
 def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features) -> dict:
@@ -100,6 +114,7 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
     results["fit"] = json.loads((model_dir / "fitted_scheduler" / "fit_facts.json").read_text())
     results["training_seconds"] = float((model_dir / "benchmark_training_seconds.txt").read_text())
     results["fitted_sigmas"] = fitted.config.fitted_sigmas
+    results["fitted_nfe"] = fitted.fitted_num_inference_steps  # where the validation kept the fit
     return results
 
 
@@ -145,19 +160,23 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
         f"Models: benchmarks/few_step_quality.py's (preset tiny, 2500 steps at batch 128, seeds {args.seeds}). FD of "
         f"{args.num_samples} samples to the held-out split in the digits-classifier features (held-out accuracy "
         f"{accuracy:.3f}), mean ± std over seeds; real training split vs held-out: {floor:.2f}. Fits: "
-        "`fit_schedules` with its defaults (256 noise draws, 64-call teacher, log steps 0.5/0.25/0.125).",
+        f"`fit_schedules` with its defaults ({DEFAULT_SEARCH_SAMPLES} noise draws in the search, "
+        f"{DEFAULT_VALIDATION_SAMPLES} in the validation, {DEFAULT_TEACHER_STEPS}-call teacher, log steps "
+        f"{'/'.join(map(str, DEFAULT_LOG_STEPS))}). Seeds on Karras: where the fit's validation kept the formula, so "
+        f"that {FITTED} is iPNDM on the Karras schedule there.",
         "",
     ]
     for model in args.models:
         runs = results[model]
         lines += [f"## {model}", "", "| NFE | " + " | ".join([*KARRAS_SOLVERS, FITTED]) + " | best Karras | fitted "
-                  "≤ best? |", "|---" * (len(KARRAS_SOLVERS) + 4) + "|"]
+                  "≤ best? | seeds on Karras |", "|---" * (len(KARRAS_SOLVERS) + 5) + "|"]
         for nfe in args.nfe:
             cells = {solver: [run["fd"][solver][nfe] for run in runs] for solver in [*KARRAS_SOLVERS, FITTED]}
             best = min(KARRAS_SOLVERS, key=lambda solver: np.mean(cells[solver]))
             verdict = "yes" if np.mean(cells[FITTED]) <= np.mean(cells[best]) else "**no**"
             row = [mean_std(cells[solver]) for solver in [*KARRAS_SOLVERS, FITTED]]
-            lines.append(f"| {nfe} | " + " | ".join(row) + f" | {best} | {verdict} |")
+            on_karras = [str(seed) for seed, run in zip(args.seeds, runs) if nfe not in run["fitted_nfe"]]
+            lines.append(f"| {nfe} | " + " | ".join(row) + f" | {best} | {verdict} | {', '.join(on_karras)} |")
         noise = sampling_noise(runs, args.nfe)
         lines += ["", f"Sampling noise of the fitted FD (pooled std over {args.resample_seeds + 1} sampling seeds): "
                       f"{noise:.2f}."]
@@ -173,15 +192,19 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
         qac = [run["fd"][FITTED][nfe] for run in results["qac"]]
         lines.append(f"| {nfe} | {mean_std(qac)} | {mean_std([m[nfe] for m in moon])} |")
     lines += ["", "## Cost of fitting (2-core CPU, shared machine)", "",
-              "| model | fit seconds | UNet calls (batch 256) | training seconds | ratio |", "|---|---|---|---|---|"]
+              f"| model | fit seconds | UNet calls: search (batch {DEFAULT_SEARCH_SAMPLES}) + validation (batch "
+              f"{DEFAULT_VALIDATION_SAMPLES}) | images denoised / training images | training seconds | ratio |",
+              "|---|---|---|---|---|---|"]
+    training_images = args.max_train_steps * args.train_batch_size
     for model in args.models:
         for seed, run in zip(args.seeds, results[model]):
-            ratio = run["fit"]["seconds"] / run["training_seconds"]
-            lines.append(f"| {model}-seed{seed} | {run['fit']['seconds']:.0f} | {run['fit']['num_model_calls']} | "
+            fit, ratio = run["fit"], run["fit"]["seconds"] / run["training_seconds"]
+            lines.append(f"| {model}-seed{seed} | {fit['seconds']:.0f} | {fit['num_model_calls']} + "
+                         f"{fit['num_validation_model_calls']} | {fit['images_denoised'] / training_images:.2f} | "
                          f"{run['training_seconds']:.0f} | {ratio:.2f} |")
     lines += ["", "Fitted schedules of seed 0 (sigma from sigma_max to sigma_min, the first step analytical):", ""]
     for model in args.models:
-        for nfe, sigmas in zip(args.nfe, results[model][0]["fitted_sigmas"]):
+        for nfe, sigmas in zip(results[model][0]["fitted_nfe"], results[model][0]["fitted_sigmas"] or []):
             lines.append(f"- {model} NFE {nfe}: " + ", ".join(f"{sigma:.3g}" for sigma in sigmas))
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,153 @@
+"""What the fit's settings cost and buy: noise draws and search steps of `fit_schedules` on the digits models.
+
+For each setting (draws of the search, its steps in log sigma) the schedules of one model are fitted at NFE 3-10
+without the validation, and then scored on the same 1,024 fresh noise draws for every setting: the pixel Frechet
+distance to the teacher (the fit's own criterion, out of sample) and the classifier FD of 2,000 samples to the
+held-out split (the benchmark's measure, as in benchmarks/fitted_schedules.py). The validation's cost is measured once
+per model and number of draws. Seconds are wall-clock on a possibly shared core; the UNet calls times the images per
+call do not depend on the load.
+
+    python benchmarks/fitted_schedules_settings.py --work_dir benchmarks/work --models qac-seed0 baseline-seed0
+
+Writes benchmarks/results/fitted_schedules_settings.{md,json}; resumable (each model and setting written as it ends).
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import few_step_quality as few_step
+import torch
+
+from qac_diffusers import QACPipeline
+from qac_diffusers.metrics import extract_features, train_feature_classifier
+from qac_diffusers.schedulers.schedule_fitting import DEFAULT_TEACHER_STEPS, ScheduleDistance, fit_schedules
+
+
+SETTINGS = {  # name: (search draws, log steps); the last one is the library's default before this comparison
+    "64 draws, steps 0.5/0.2": (64, (0.5, 0.2)),
+    "64 draws, steps 0.5/0.25/0.125": (64, (0.5, 0.25, 0.125)),
+    "256 draws, steps 0.5/0.25/0.125": (256, (0.5, 0.25, 0.125)),
+}
+NFES = list(range(3, 11))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["qac-seed0", "baseline-seed0"])
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--validation_samples", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--score_samples", type=int, default=1024)
+    parser.add_argument("--num_samples", type=int, default=2000, help="Samples of each classifier FD.")
+    parser.add_argument("--work_dir", default=str(few_step.REPO_ROOT / "benchmarks" / "work"))
+    parser.add_argument("--results_dir", default=str(few_step.REPO_ROOT / "benchmarks" / "results"))
+    training = vars(few_step.build_parser().parse_args([]))
+    return argparse.Namespace(**{**training, **vars(parser.parse_args())})
+
+
+def fit_and_score(pipe: QACPipeline, seed: int, setting: str, score: ScheduleDistance, classifier, heldout) -> dict:
+    draws, log_steps = SETTINGS[setting]
+    started = time.perf_counter()
+    fit = fit_schedules(pipe, NFES, num_samples=draws, log_steps=log_steps, validate=False,
+                        generator=torch.Generator().manual_seed(seed), progress_bar=False)
+    seconds = time.perf_counter() - started
+    fitted = fit.scheduler.config.fitted_sigmas
+    pipe.scheduler = fit.scheduler
+    classifier_fd = {nfe: few_step.sample_frechet_distance(pipe, 2000, nfe, seed, classifier, heldout)
+                     for nfe in NFES}
+    return {"seconds": seconds, "model_calls": fit.num_model_calls, "images_denoised": fit.num_model_calls * draws,
+            "fitted_sigmas": fitted, "pixel_fd": {nfe: score(sigmas) for nfe, sigmas in zip(NFES, fitted)},
+            "classifier_fd": classifier_fd}
+
+
+def validation_cost(pipe: QACPipeline, seed: int, draws: int, fitted_sigmas: list) -> dict:
+    started = time.perf_counter()
+    check = ScheduleDistance(pipe, draws, DEFAULT_TEACHER_STEPS, torch.Generator().manual_seed(seed))
+    for sigmas in fitted_sigmas:
+        check(list(sigmas))
+        check(check.formula_sigmas(check.num_calls(sigmas)))
+    return {"seconds": time.perf_counter() - started, "model_calls": check.num_model_calls,
+            "images_denoised": check.num_model_calls * draws}
+
+
+def markdown(results: dict) -> str:
+    lines = ["# Fit settings: cost and quality (digits models, NFE 3-10, fit without validation)", "",
+             "Command: `PYTHONPATH=. python benchmarks/fitted_schedules_settings.py --work_dir benchmarks/work` "
+             "(models of benchmarks/few_step_quality.py; seconds on a core shared by three to five jobs).", "",
+             "Pixel FD: distance to the teacher on 1,024 fresh draws (the fit's criterion, out of sample). Classifier "
+             "FD: 2,000 samples vs the held-out split. Images denoised = UNet calls x images per call; training = "
+             "steps x batch (forward and backward).", ""]
+    for model, result in results.items():
+        training_images = result["training_images"]
+        lines += [f"## {model} (trained on {training_images} images in {result['training_seconds']:.0f} s)", "",
+                  "| setting | seconds | images denoised | / training images | pixel FD NFE 3-10 | "
+                  "classifier FD NFE 3-10 |",
+                  "|---|---|---|---|---|---|"]
+        formula = result["formula"]
+        lines.append(f"| Karras (no fit) | | | | {' '.join(f'{v:.3g}' for v in formula['pixel_fd'].values())} | "
+                     f"{' '.join(f'{v:.1f}' for v in formula['classifier_fd'].values())} |")
+        for setting, fit in result["settings"].items():
+            lines.append(
+                f"| {setting} | {fit['seconds']:.0f} | {fit['images_denoised']} | "
+                f"{fit['images_denoised'] / training_images:.3f} | "
+                f"{' '.join(f'{v:.3g}' for v in fit['pixel_fd'].values())} | "
+                f"{' '.join(f'{v:.1f}' for v in fit['classifier_fd'].values())} |"
+            )
+        for draws, cost in result["validation"].items():
+            lines.append(f"| validation on {draws} draws | {cost['seconds']:.0f} | {cost['images_denoised']} | "
+                         f"{cost['images_denoised'] / training_images:.3f} | | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    work_dir, results_dir = Path(args.work_dir), Path(args.results_dir)
+    path = results_dir / "fitted_schedules_settings.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    train_split, heldout_split, _ = few_step.split_dataset(args, work_dir)
+    train_images, train_labels = few_step.to_tensor(train_split, 8)
+    classifier = train_feature_classifier(train_images, train_labels, seed=0)
+    heldout = extract_features(classifier, few_step.to_tensor(heldout_split, 8)[0])
+
+    def save() -> None:
+        few_step.write_atomically(path, lambda partial: partial.write_text(json.dumps(results, indent=1)))
+        path.with_suffix(".md").write_text(markdown(results))
+
+    for model in args.models:
+        model_dir = work_dir / model
+        seed = int(model.rsplit("seed", 1)[1])
+        pipe = QACPipeline.from_pretrained(model_dir)
+        pipe.set_progress_bar_config(disable=True)
+        karras = pipe.scheduler
+        generator = torch.Generator().manual_seed(10_000)
+        score = ScheduleDistance(pipe, args.score_samples, DEFAULT_TEACHER_STEPS, generator)
+        result = results.setdefault(model, {
+            "training_seconds": float((model_dir / "benchmark_training_seconds.txt").read_text()),
+            "training_images": args.max_train_steps * args.train_batch_size, "settings": {}, "validation": {},
+        })
+        if "formula" not in result:
+            pipe.scheduler = karras
+            result["formula"] = {
+                "pixel_fd": {nfe: score(score.formula_sigmas(nfe)) for nfe in NFES},
+                "classifier_fd": {nfe: few_step.sample_frechet_distance(pipe, 2000, nfe, seed, classifier, heldout)
+                                  for nfe in NFES},
+            }
+            save()
+        for setting in args.settings:
+            if setting not in result["settings"]:
+                pipe.scheduler = karras
+                result["settings"][setting] = fit_and_score(pipe, seed, setting, score, classifier, heldout)
+                print(model, setting, result["settings"][setting]["seconds"], flush=True)
+                save()
+        fitted = next(iter(result["settings"].values()))["fitted_sigmas"]
+        for draws in args.validation_samples:
+            if str(draws) not in result["validation"]:
+                result["validation"][str(draws)] = validation_cost(pipe, seed, draws, fitted)
+                save()
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
