@@ -25,7 +25,7 @@ test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q
 
 # Train a small QAC model on the embedded digits and fit its sampling schedules (about 13 minutes on 2 CPU cores; a
-# second run resumes: it trains nothing but fits again), then sample a grid at 6 network evaluations.
+# second run resumes and only re-samples), then sample a grid at 6 network evaluations.
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no train_qac.py --output_dir $(DEMO_DIR)/qac-digits --resume_from_checkpoint latest

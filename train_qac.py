@@ -35,6 +35,7 @@ from qac_diffusers import FSQConditionEncoder, IPNDMScheduler, QACPipeline, QACU
 from qac_diffusers.formulations import FORMULATIONS, formulation_from_name
 from qac_diffusers.formulations.edm import EDM_P_MEAN, EDM_P_STD
 from qac_diffusers.models import GaussianConditionEncoder, NoiseEncoder, encode_jointly
+from qac_diffusers.models.fingerprint import model_fingerprint
 from qac_diffusers.models.gaussian_condition_encoder import check_prior_weight
 from qac_diffusers.models.noise_encoder import PAPER_BETA
 from qac_diffusers.schedulers.schedule_fitting import (
@@ -690,7 +691,8 @@ class Trainer:
     def fit_sampling_schedules(self, pipeline: QACPipeline, training_seconds: float) -> dict | None:
         """
         Fit the pipeline's sampling schedules at `--fit_schedule_nfe` (its scheduler is replaced); returns what the
-        fit cost, beside the training time of this run, for training_summary.json.
+        fit cost, beside the training time of this run, for training_summary.json. A run that resumed a finished one
+        (same weights, same fit settings) keeps the schedules that run fitted instead of fitting them again.
         """
         if not self.args.fit_schedule_nfe:
             return None
@@ -700,6 +702,14 @@ class Trainer:
                 f"{self.args.formulation} model samples with {type(pipeline.scheduler).__name__}."
             )
             return None
+        settings = {"nfe": sorted(self.args.fit_schedule_nfe), "samples": self.args.fit_schedule_samples,
+                    "validation_samples": self.args.fit_schedule_validation_samples, "seed": self.args.seed}
+        fingerprint = model_fingerprint(pipeline.unet, pipeline.encoder)
+        previous = self.previous_schedule_fit()
+        if previous.get("settings") == settings and previous.get("model_fingerprint") == fingerprint:
+            pipeline.scheduler = IPNDMScheduler.from_pretrained(self.output_dir / "scheduler")
+            print(f"Kept the sampling schedules fitted to these weights by the previous run (NFE {previous['nfe']}).")
+            return previous
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(self.args.seed)
         fit = fit_schedules(
@@ -712,10 +722,16 @@ class Trainer:
         print(f"Fitted the sampling schedules at NFE {sorted(fit.fitted_distances)} in {seconds:.1f} s "
               f"({seconds / training_seconds:.1%} of this run's {training_seconds:.1f} s of training); kept at NFE "
               f"{kept}, where they are closer to the teacher than the formula on fresh noise as well.")
-        return {"nfe": kept, "seconds": seconds, "training_seconds": training_seconds,
+        return {"nfe": kept, "seconds": seconds, "training_seconds": training_seconds, "settings": settings,
+                "model_fingerprint": fingerprint,
                 "formula_distances": fit.formula_distances, "fitted_distances": fit.fitted_distances,
                 "validation_formula_distances": fit.validation_formula_distances,
                 "validation_fitted_distances": fit.validation_fitted_distances}
+
+    def previous_schedule_fit(self) -> dict:
+        """The schedule fit recorded in output_dir's training_summary.json by an earlier run ({} if none)."""
+        path = self.output_dir / "training_summary.json"
+        return (json.loads(path.read_text()).get("schedule_fit") or {}) if path.is_file() else {}
 
     def save_final(self, dataset_name: str, training_config: dict, repo_id: str, training_seconds: float) -> None:
         """

@@ -271,9 +271,10 @@ def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
-def test_fits_the_sampling_schedules_after_training(tmp_path):
-    train(tmp_path, "--max_train_steps", "2", "--fit_schedule_nfe", "2", "1", "--fit_schedule_samples", "16",
-          "--fit_schedule_validation_samples", "12")
+def test_fits_the_sampling_schedules_after_training(tmp_path, monkeypatch):
+    flags = ["--max_train_steps", "2", "--fit_schedule_nfe", "2", "1", "--fit_schedule_samples", "16",
+             "--fit_schedule_validation_samples", "12"]
+    train(tmp_path, *flags)
     fit = json.loads((tmp_path / "training_summary.json").read_text())["schedule_fit"]
     assert 0 < fit["seconds"] and 0 < fit["training_seconds"]
     assert all(fit["fitted_distances"][nfe] <= fit["formula_distances"][nfe] for nfe in ("1", "2"))
@@ -284,6 +285,20 @@ def test_fits_the_sampling_schedules_after_training(tmp_path):
     for nfe, sigmas in zip(kept, pipe.scheduler.config.fitted_sigmas or []):
         pipe.scheduler.set_timesteps(nfe)
         assert pipe.scheduler.sigmas.tolist() == pytest.approx(sigmas, rel=1e-6)
+
+    # A second run resumed from the end (a second `make demo`) trains nothing and keeps the fit: no new one
+    def refuse(*args, **kwargs):
+        raise AssertionError("fitted again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_qac, "fit_schedules", refuse)
+        train(tmp_path, *flags, "--resume_from_checkpoint", "latest")
+    assert json.loads((tmp_path / "training_summary.json").read_text())["schedule_fit"] == fit
+    assert QACPipeline.from_pretrained(tmp_path).scheduler.config.fitted_sigmas == pipe.scheduler.config.fitted_sigmas
+    # other fit settings fit again
+    with monkeypatch.context() as patch, pytest.raises(AssertionError, match="fitted again"):
+        patch.setattr(train_qac, "fit_schedules", refuse)
+        train(tmp_path, *flags[:-1], "13", "--resume_from_checkpoint", "latest")
 
 
 def test_push_to_hub_then_load_the_repo(tmp_path, fake_hub):
