@@ -22,7 +22,12 @@ import torch
 
 from qac_diffusers import QACPipeline
 from qac_diffusers.metrics import extract_features, train_feature_classifier
-from qac_diffusers.schedulers.schedule_fitting import DEFAULT_TEACHER_STEPS, ScheduleDistance, fit_schedules
+from qac_diffusers.schedulers.schedule_fitting import (
+    DEFAULT_TEACHER_STEPS,
+    ScheduleDistance,
+    fit_schedules,
+    validate_schedules,
+)
 
 
 SETTINGS = {  # name: (search draws, log steps); the last one is the library's default before this comparison
@@ -62,13 +67,15 @@ def fit_and_score(pipe: QACPipeline, seed: int, setting: str, score: ScheduleDis
 
 
 def validation_cost(pipe: QACPipeline, seed: int, draws: int, fitted_sigmas: list) -> dict:
+    """The cost of `fit_schedules`' validation of `fitted_sigmas` on `draws` fresh draws (`validate_schedules`)."""
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *_: calls.append(1))
     started = time.perf_counter()
-    check = ScheduleDistance(pipe, draws, DEFAULT_TEACHER_STEPS, torch.Generator().manual_seed(seed))
-    for sigmas in fitted_sigmas:
-        check(list(sigmas))
-        check(check.formula_sigmas(check.num_calls(sigmas)))
-    return {"seconds": time.perf_counter() - started, "model_calls": check.num_model_calls,
-            "images_denoised": check.num_model_calls * draws}
+    try:
+        validate_schedules(pipe, fitted_sigmas, draws, DEFAULT_TEACHER_STEPS, torch.Generator().manual_seed(seed))
+    finally:
+        hook.remove()
+    return {"seconds": time.perf_counter() - started, "model_calls": len(calls), "images_denoised": len(calls) * draws}
 
 
 def markdown(results: dict) -> str:
