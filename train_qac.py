@@ -31,7 +31,7 @@ from accelerate.utils import DynamoBackend, GradientAccumulationPlugin, ProjectC
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from qac_diffusers import FSQConditionEncoder, IPNDMScheduler, QACPipeline, QACUNet2DModel
+from qac_diffusers import FSQConditionEncoder, QACPipeline, QACUNet2DModel
 from qac_diffusers.formulations import FORMULATIONS, formulation_from_name
 from qac_diffusers.formulations.edm import EDM_P_MEAN, EDM_P_STD
 from qac_diffusers.models import GaussianConditionEncoder, NoiseEncoder, encode_jointly
@@ -44,6 +44,7 @@ from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_VALIDATION_SAMPLES,
     check_fit_nfe,
     fit_schedules,
+    fitted_scheduler_class,
 )
 from qac_diffusers.training import ImageTransform, infer_num_channels, load_image_dataset
 from qac_diffusers.training.checkpoints import (
@@ -178,7 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     logs.add_argument(
         "--fit_schedule_nfe", type=int, nargs="*", default=list(DEFAULT_FIT_NFE),
         help="After training, fit the sampling schedule to the model at these NFE (pipelines/fit_schedule.py); "
-        "pass the flag without values to keep the Karras schedule.",
+        "pass the flag without values to keep the formula schedule (EDM: Karras; rectified flow: RNE's uniform grid).",
     )
     logs.add_argument(
         "--fit_schedule_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,
@@ -186,7 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     logs.add_argument(
         "--fit_schedule_validation_samples", type=int, default=DEFAULT_VALIDATION_SAMPLES,
-        help="Fresh noise draws on which each fitted schedule must beat the Karras schedule again to be kept.",
+        help="Fresh noise draws on which each fitted schedule must beat the formula schedule again to be kept.",
     )
     logs.add_argument("--checkpointing_steps", type=int, default=1000)
     logs.add_argument("--checkpoints_total_limit", type=int)
@@ -696,18 +697,13 @@ class Trainer:
         """
         if not self.args.fit_schedule_nfe:
             return None
-        if not isinstance(pipeline.scheduler, IPNDMScheduler):
-            logger.info(
-                "Sampling schedules are not fitted: the fit is IPNDMScheduler's (EDM), and this "
-                f"{self.args.formulation} model samples with {type(pipeline.scheduler).__name__}."
-            )
-            return None
         settings = {"nfe": sorted(self.args.fit_schedule_nfe), "samples": self.args.fit_schedule_samples,
                     "validation_samples": self.args.fit_schedule_validation_samples, "seed": self.args.seed}
         fingerprint = model_fingerprint(pipeline.unet, pipeline.encoder)
         previous = self.previous_schedule_fit()
         if previous.get("settings") == settings and previous.get("model_fingerprint") == fingerprint:
-            pipeline.scheduler = IPNDMScheduler.from_pretrained(self.output_dir / "scheduler")
+            scheduler_class = fitted_scheduler_class(pipeline.scheduler)
+            pipeline.scheduler = scheduler_class.from_pretrained(self.output_dir / "scheduler")
             print(f"Kept the sampling schedules fitted to these weights by the previous run (NFE {previous['nfe']}).")
             return previous
         started = time.perf_counter()

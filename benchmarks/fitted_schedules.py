@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from qac_diffusers import IPNDMScheduler, QACPipeline  # noqa: E402
+from qac_diffusers import QACPipeline  # noqa: E402
 from qac_diffusers.metrics import extract_features, frechet_distance, train_feature_classifier  # noqa: E402
 from qac_diffusers.schedulers import solver_from_config  # noqa: E402
 from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
@@ -37,6 +37,7 @@ from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
     DEFAULT_TEACHER_STEPS,
     DEFAULT_VALIDATION_SAMPLES,
     fit_schedules,
+    fitted_scheduler_class,
 )
 
 
@@ -60,8 +61,11 @@ def parse_args() -> argparse.Namespace:
     return argparse.Namespace(**{**training, **vars(parser.parse_args())})
 
 
-def fitted_scheduler(model_dir: Path, pipe: QACPipeline, seed: int) -> IPNDMScheduler:
-    """The model's fitted scheduler: fitted once with the library defaults and kept in model_dir/fitted_scheduler."""
+def fitted_scheduler(model_dir: Path, pipe: QACPipeline, seed: int):
+    """
+    The model's fitted scheduler (iPNDM, or Euler for rectified flow): fitted once with the library defaults and kept
+    in model_dir/fitted_scheduler.
+    """
     folder = model_dir / "fitted_scheduler"
     if not (folder / "scheduler_config.json").is_file():
         started = time.perf_counter()
@@ -78,7 +82,7 @@ def fitted_scheduler(model_dir: Path, pipe: QACPipeline, seed: int) -> IPNDMSche
             (partial / "fit_facts.json").write_text(json.dumps(facts, indent=1))
 
         few_step.write_atomically(folder, save)
-    return IPNDMScheduler.from_pretrained(folder)
+    return fitted_scheduler_class(pipe.scheduler).from_pretrained(folder)
 
 
 def images_denoised(fit) -> int:
@@ -133,19 +137,19 @@ def moonshot(args, model_dir: Path, seed: int, classifier, heldout_features) -> 
     return distances
 
 
-def sampling_noise(model_results: list[dict], nfes: list[int]) -> float:
+def sampling_noise(model_results: list[dict], nfes: list[int], fitted: str = FITTED) -> float:
     """The FD's sampling noise of the fitted sampler: the pooled std over sampling seeds, over models and NFE."""
     variances = [
-        np.var([result["fd"][FITTED][nfe], *result["resampled"][nfe]], ddof=1)
+        np.var([result["fd"][fitted][nfe], *result["resampled"][nfe]], ddof=1)
         for result in model_results
         for nfe in nfes
     ]
     return float(np.sqrt(np.mean(variances)))
 
 
-def rises(result: dict, nfes: list[int]) -> list[tuple[int, float]]:
+def rises(result: dict, nfes: list[int], fitted: str = FITTED) -> list[tuple[int, float]]:
     """(NFE, rise) for each step up in NFE where the fitted FD rises."""
-    fd = result["fd"][FITTED]
+    fd = result["fd"][fitted]
     return [(low, fd[high] - fd[low]) for low, high in zip(nfes, nfes[1:]) if fd[high] > fd[low]]
 
 

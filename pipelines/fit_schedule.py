@@ -2,10 +2,11 @@
 
     python pipelines/fit_schedule.py --model PATH --nfe 3 4 5 6 7 8 9 10
 
-The search (qac_diffusers/schedulers/schedule_fitting.py) runs the model's own iPNDM sampler on candidate schedules
-and keeps the one whose images are closest, as a distribution, to those of a converged teacher. The fitted schedules
-are written into the model folder's scheduler config (or into --output_dir, a copy of the whole pipeline), where
-QACPipeline uses them by default at the NFE they were fitted for and the Karras schedule at any other.
+The search (qac_diffusers/schedulers/schedule_fitting.py) runs the model's own sampler (iPNDM for EDM, Euler for
+rectified flow) on candidate schedules and keeps the one whose images are closest, as a distribution, to those of a
+converged teacher. The fitted schedules are written into the model folder's scheduler config (or into --output_dir, a
+copy of the whole pipeline), where QACPipeline uses them by default at the NFE they were fitted for and the formula
+schedule (Karras; RNE's uniform grid for rectified flow) at any other.
 """
 
 import argparse
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Noise draws the search compares candidates on.")
     parser.add_argument(
         "--validation_samples", type=int, default=DEFAULT_VALIDATION_SAMPLES,
-        help="Fresh noise draws on which a fitted schedule must beat the Karras schedule again to be kept.",
+        help="Fresh noise draws on which a fitted schedule must beat the formula schedule again to be kept.",
     )
     parser.add_argument("--teacher_steps", type=int, default=DEFAULT_TEACHER_STEPS,
                         help="Model calls of the converged teacher.")
@@ -63,10 +64,10 @@ def main(argv: list[str] | None = None) -> None:
         pipe.save_pretrained(args.output_dir)
     print(f"Fitted in {seconds:.1f} s: {fit.num_model_calls} UNet calls on {args.num_samples} images in the search, "
           f"{fit.num_validation_model_calls} on {args.validation_samples} in the validation.")
-    print("NFE  distance to the teacher, search draws: Karras -> fitted; fresh draws: Karras -> fitted   schedule")
+    print("NFE  distance to the teacher, search draws: formula -> fitted; fresh draws: formula -> fitted   schedule")
     fitted = dict(zip(pipe.scheduler.fitted_num_inference_steps, pipe.scheduler.config.fitted_sigmas or []))
     for nfe in sorted(args.nfe):
-        schedule = " ".join(f"{sigma:.3g}" for sigma in fitted[nfe]) if nfe in fitted else "Karras (not kept)"
+        schedule = " ".join(f"{sigma:.3g}" for sigma in fitted[nfe]) if nfe in fitted else "formula (not kept)"
         print(f"{nfe:3d}  {fit.formula_distances[nfe]:10.4g} -> {fit.fitted_distances[nfe]:<10.4g} "
               f"{fit.validation_formula_distances[nfe]:10.4g} -> {fit.validation_fitted_distances[nfe]:<10.4g} "
               f"{schedule}")

@@ -52,6 +52,32 @@ def make_tiny_pipeline(code_dim: int = TINY_CODE_DIM, channels: int = 1, pipelin
     return pipe
 
 
+def make_rf_pipeline(scheduler=None, encoder="fsq", pipeline_class=None):
+    """A tiny rectified-flow pipeline: the tiny UNet with its FSQ encoder, a Gaussian encoder, or none."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from qac_diffusers import QACPipeline
+    from qac_diffusers.models import GaussianConditionEncoder
+
+    unet, fsq_encoder = make_tiny_models(code_dim=0 if encoder is None else 6)
+    encoders = {"fsq": fsq_encoder, "gaussian": GaussianConditionEncoder.for_unet(unet, code_dim=6), None: None}
+    pipe = (pipeline_class or QACPipeline)(
+        unet=unet,
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(),
+        encoder=encoders[encoder],
+        formulation="rectified_flow",
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def count_unet_calls(pipe) -> list:
+    """The timesteps of every later call of the pipeline's UNet, appended to the list returned."""
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[1]))
+    return calls
+
+
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -14,6 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ..schedulers.scheduling_flow_match_euler_fitted import euler_grid
 from .base import Formulation
 
 
@@ -27,15 +28,6 @@ RK45_TOLERANCE = 1e-5
 KARRAS_RHO = 7.0
 
 SOLVERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
-
-
-def euler_grid(num_steps: int) -> np.ndarray:
-    """
-    RNE's Euler grid before the final 0: t_i = 1 - i / N, i = 0..N-1 (the scheduler appends t_N = 0), so that `N`
-    model calls take `N` steps of length 1 / N. diffusers' default grid ends its points at 1 / num_train_timesteps
-    and so spends its last call on a near-empty step to 0 (DESIGN.md section 10).
-    """
-    return np.linspace(1.0, 1.0 / num_steps, num_steps)
 
 
 def heun_steps(num_inference_steps: int) -> int:
@@ -208,13 +200,16 @@ class RectifiedFlowFormulation(Formulation):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """
-        RNE's grids: Euler, `num_inference_steps` steps of 1 / N; Heun, N calls (N odd) in (N + 1) / 2 steps of equal
-        length, the last one Euler (see [`heun_steps`]). Both passed to diffusers' own `set_timesteps`.
+        RNE's grids: Euler, `num_inference_steps` steps of 1 / N (or the grid fitted to the model for that NFE, with a
+        [`FittedFlowMatchEulerDiscreteScheduler`]); Heun, N calls (N odd) in (N + 1) / 2 steps of equal length, the
+        last one Euler (see [`heun_steps`]). All passed to diffusers' own `set_timesteps`.
         """
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
         if isinstance(self.scheduler, FlowMatchHeunDiscreteScheduler):
             self._set_heun_timesteps(heun_steps(num_inference_steps), device)
+        elif hasattr(type(self.scheduler), "grid"):  # FittedFlowMatchEulerDiscreteScheduler: its fitted grid or RNE's
+            self.scheduler.set_timesteps(sigmas=self.scheduler.grid(num_inference_steps), device=device)
         else:
             self.scheduler.set_timesteps(sigmas=euler_grid(num_inference_steps).tolist(), device=device)
 

@@ -1,2 +1,3 @@
+from .scheduling_flow_match_euler_fitted import FittedFlowMatchEulerDiscreteScheduler, euler_grid
 from .scheduling_ipndm import IPNDMScheduler, IPNDMSchedulerOutput, ScheduleNotSetError
 from .solvers import SOLVERS, EDMDPMSolverMultistepSigmaMinScheduler, EDMEulerSigmaMinScheduler, solver_from_config

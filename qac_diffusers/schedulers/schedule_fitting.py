@@ -1,5 +1,8 @@
 # Copyright 2026 The qac-diffusers authors. Licensed under the Apache License, Version 2.0.
-"""Sampling schedules fitted to one trained model (beyond the paper), for the iPNDM sampler that will use them.
+"""Sampling schedules fitted to one trained model (beyond the paper), for the sampler that will use them.
+
+EDM models sample with iPNDM (`IPNDMScheduler`, schedules in sigma), rectified-flow models with Euler
+(`FittedFlowMatchEulerDiscreteScheduler`, time grids in t); the search below is the same for both.
 
 GITS (Chen et al. 2024, "On the Trajectory Regularity of ODE-based Diffusion Sampling", zju-pi/diff-sampler
 `gits-main`) searches a time schedule against teacher trajectories of the model itself with a one-step Euler cost and
@@ -25,12 +28,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from ..formulations import formulation_from_name
 from ..metrics.frechet import frechet_distance
 from ..models.fingerprint import model_fingerprint
+from .scheduling_flow_match_euler_fitted import FittedFlowMatchEulerDiscreteScheduler
 from .scheduling_ipndm import IPNDMScheduler
 
 
@@ -41,6 +46,10 @@ DEFAULT_TEACHER_STEPS = 64
 DEFAULT_SEARCH_SAMPLES = 64
 DEFAULT_VALIDATION_SAMPLES = 256
 DEFAULT_LOG_STEPS = (0.5, 0.2)
+# Rectified flow's uniform grid, unlike Karras' rho = 7 for EDM, is not tuned to few steps: its search also starts from
+# the grid with diffusers' time shift t -> s t / (1 + (s - 1) t) (SD3's schedules), i.e. every sigma = t / (1 - t)
+# times s, for these s, and descends from the closest of these starts.
+FLOW_START_SHIFTS = (0.25, 0.5, 2.0)
 # Sampler states kept for runs that share their first points (each: the sample, up to 4 derivatives, a model output).
 MAX_KEPT_STATES = 32
 # Pixel features are average-pooled to at most this many dimensions, so that a covariance stays cheap to compare.
@@ -53,11 +62,12 @@ class ScheduleFitOutput(BaseOutput):
     Output of [`fit_schedules`].
 
     Args:
-        scheduler ([`IPNDMScheduler`]):
+        scheduler ([`IPNDMScheduler`] or [`FittedFlowMatchEulerDiscreteScheduler`]):
             The pipeline's scheduler with the fitted schedules (`fitted_sigmas`) and the model's fingerprint in its
             config: `pipe.scheduler = output.scheduler`, then `pipe.save_pretrained(...)` keeps them.
         formula_distances (`dict[int, float]`):
-            For each NFE, the Frechet distance to the teacher's samples on the formula (Karras) schedule, on the
+            For each NFE, the Frechet distance to the teacher's samples on the formula schedule (Karras; RNE's uniform
+            grid for rectified flow), on the
             noise draws of the search.
         fitted_distances (`dict[int, float]`):
             The same on the fitted schedule (never larger).
@@ -71,7 +81,7 @@ class ScheduleFitOutput(BaseOutput):
             images (0 when the fit was not validated).
     """
 
-    scheduler: IPNDMScheduler
+    scheduler: IPNDMScheduler | FittedFlowMatchEulerDiscreteScheduler
     formula_distances: dict[int, float]
     fitted_distances: dict[int, float]
     validation_formula_distances: dict[int, float]
@@ -105,11 +115,16 @@ class ScheduleDistance:
     The criterion of the search: the Frechet distance, in [`pixel_features`], between the images the pipeline's
     sampler makes on a candidate schedule and the images of a converged teacher, from the same noise and codes.
 
-    The teacher is the variable-step iPNDM of the pipeline's scheduler config at `teacher_steps` model calls, on
-    `num_samples` noise draws and codes drawn from the encoder's code weights (none for an unconditional pipeline).
+    The sampler is the pipeline's scheduler with the candidate as its only fitted schedule
+    ([`fitted_scheduler_class`]): EDM's [`IPNDMScheduler`] or rectified flow's Euler
+    ([`FittedFlowMatchEulerDiscreteScheduler`]). The teacher runs on `num_samples` noise draws and codes drawn from
+    the encoder's code weights (Gaussian conditions from their prior; none for an unconditional pipeline), as the
+    pipeline draws them: EDM's teacher is the variable-step iPNDM of the scheduler's config, rectified flow's is Heun
+    on RNE's uniform grid (second order; the formulation's `FlowMatchHeunDiscreteScheduler`), both at `teacher_steps`
+    model calls.
 
     Args:
-        pipeline ([`QACPipeline`]): A trained pipeline whose scheduler is an [`IPNDMScheduler`].
+        pipeline ([`QACPipeline`]): A trained pipeline whose scheduler [`fit_schedules`] can fit.
         num_samples (`int`): Noise draws the distance is measured on.
         teacher_steps (`int`): Model calls of the teacher.
         generator (`torch.Generator`, *optional*): The random source of the noise and the codes.
@@ -117,66 +132,105 @@ class ScheduleDistance:
 
     def __init__(self, pipeline, num_samples: int, teacher_steps: int, generator: torch.Generator | None = None):
         self.pipeline = pipeline
-        self.latents = randn_tensor((num_samples, *pipeline.image_shape), generator=generator)
-        self.code = None
-        if pipeline.encoder is not None:
-            indices = pipeline.encoder.sample_indices(num_samples, generator)
-            self.code = pipeline.encoder.indices_to_codes(indices.to(pipeline._execution_device))
+        self.fitted_class = fitted_scheduler_class(pipeline.scheduler)
+        # the noise, then the conditions (codes from the code weights, or Gaussian conditions), as the pipeline draws
+        self.latents, self.code, _ = pipeline._noise_and_conditions(num_samples, generator, None, None)
         self.config = {key: value for key, value in pipeline.scheduler.config.items() if not key.startswith("_")}
         self.num_model_calls = 0
         # the sampler's state before each model call of recent runs, by the schedule's points up to there
         self._states = OrderedDict()
-        teacher_config = {**self.config, "variable_step": True, "fitted_sigmas": None}
-        teacher = IPNDMScheduler.from_config(teacher_config)
-        self.teacher = pixel_features(self.samples(teacher, teacher_steps, keep_states=False))
+        self.teacher = pixel_features(self._teacher_samples(teacher_steps))
 
     def __call__(self, sigmas: list[float]) -> float:
-        """The distance of the sampler on the schedule `sigmas` (the iPNDM of the pipeline's scheduler config)."""
-        config = {**self.config, "fitted_sigmas": [sigmas], "fitted_model_fingerprint": None}
-        scheduler = IPNDMScheduler.from_config(config)
+        """The distance of the sampler on the schedule `sigmas` (the pipeline's scheduler config)."""
+        scheduler = self._scheduler(fitted_sigmas=[sigmas])
         samples = self.samples(scheduler, scheduler.fitted_num_inference_steps[0])
         return frechet_distance(pixel_features(samples), self.teacher)
 
     def num_calls(self, sigmas: Sequence[float]) -> int:
         """The model calls of the pipeline's sampler on the schedule `sigmas` (one fewer with the analytical step)."""
-        return IPNDMScheduler.from_config({**self.config, "fitted_sigmas": None})._num_calls(len(sigmas))
+        return self._scheduler()._num_calls(len(sigmas))
 
     def formula_sigmas(self, num_inference_steps: int) -> list[float]:
-        """The formula (Karras) schedule of the pipeline's scheduler config."""
-        scheduler = IPNDMScheduler.from_config({**self.config, "fitted_sigmas": None})
-        return scheduler._formula_sigmas(num_inference_steps).tolist()
+        """The formula schedule of the pipeline's scheduler config (Karras; RNE's uniform grid for flows)."""
+        return self._scheduler()._formula_sigmas(num_inference_steps).tolist()
+
+    # The search moves points in log sigma of EDM for both formulations: rectified flow's t is sigma / (1 + sigma),
+    # t = 1 is sigma = infinity (DESIGN.md section 11).
+
+    def to_search(self, points: Sequence[float]) -> list[float]:
+        """A schedule in the search's coordinates: EDM's sigmas as they are, rectified flow's t as t / (1 - t)."""
+        if self.fitted_class is IPNDMScheduler:
+            return list(points)
+        return [math.inf if t == 1 else t / (1 - t) for t in points]
+
+    def from_search(self, sigmas: Sequence[float]) -> list[float]:
+        """The schedule of the search's coordinates `sigmas` (the inverse of [`to_search`])."""
+        if self.fitted_class is IPNDMScheduler:
+            return list(sigmas)
+        return [1.0 if math.isinf(sigma) else sigma / (1 + sigma) for sigma in sigmas]
+
+    def search_distance(self, sigmas: Sequence[float]) -> float:
+        """The distance of the schedule whose search coordinates are `sigmas`."""
+        return self(self.from_search(sigmas))
+
+    def search_starts(self, num_inference_steps: int) -> list[list[float]]:
+        """The starts of the search, in its coordinates: the formula first, then rectified flow's shifted grids."""
+        formula = self.to_search(self.formula_sigmas(num_inference_steps))
+        if self.fitted_class is IPNDMScheduler:
+            return [formula]
+        return [formula] + [[formula[0], *(sigma * shift for sigma in formula[1:-1]), formula[-1]]
+                            for shift in FLOW_START_SHIFTS]
 
     @torch.no_grad()
-    def samples(self, scheduler: IPNDMScheduler, num_inference_steps: int, keep_states: bool = True) -> torch.Tensor:
+    def samples(self, scheduler, num_inference_steps: int, reuse_states: bool = True) -> torch.Tensor:
         """
-        The images in [-1, 1] that `pipeline(latents=..., code_indices=...)` makes on `scheduler` (its loop, steps
-        2-4). The model call at a point depends only on the schedule up to that point, so a run whose first points
-        are those of a recent run takes that run's state and model output at the last shared point: the search moves
-        one point at a time, and this saves about half of its model calls.
+        The images in [-1, 1] that `pipeline(latents=..., code_indices=...)` makes with `scheduler` (its loop, steps
+        2-4). The model call at a point depends only on the schedule up to that point, so with `reuse_states` a run
+        whose first points are those of a recent run takes that run's state and model output at the last shared
+        point: the search moves one point at a time, and this saves about half of its model calls.
         """
         pipeline, device = self.pipeline, self.pipeline._execution_device
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        sample = self.latents.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
-        offset, points = scheduler._sigma_offset(), tuple(scheduler.sigmas.tolist())
+        formulation = formulation_from_name(pipeline.config.formulation, scheduler)
+        formulation.set_timesteps(num_inference_steps, device=device)
+        sample = formulation.initial_sample(self.latents.to(device=device, dtype=torch.float32))
+        points = tuple(scheduler.sigmas.tolist())
+        offset = scheduler._sigma_offset() if reuse_states else 0
         start, model_output = 0, None
-        for index in range(len(scheduler.timesteps) - 1, -1, -1):
+        for index in range(len(scheduler.timesteps) - 1, -1, -1) if reuse_states else ():
             state = self._states.get(points[: index + offset + 1])
             if state is not None:
-                sample, derivatives, scheduler.lower_order_nums, model_output = state
-                scheduler.derivatives, scheduler._step_index, start = list(derivatives), index, index
-                scheduler.is_scale_input_called = True
+                sample, solver_state, model_output = state
+                _restore_solver_state(scheduler, solver_state, index)
+                start = index
                 break
         for index, t in enumerate(scheduler.timesteps[start:], start):
             if model_output is None:
-                state = (sample, list(scheduler.derivatives), scheduler.lower_order_nums)
-                model_input = scheduler.scale_model_input(sample, t).to(pipeline.unet.dtype)
+                state = (sample, _solver_state(scheduler))
+                model_input = formulation.scale_model_input(sample, t).to(pipeline.unet.dtype)
                 model_output = pipeline.unet(model_input, t, code=self.code).sample
                 self.num_model_calls += 1
-                if keep_states:
+                if reuse_states:
                     self._keep(points[: index + offset + 1], (*state, model_output))
             sample = scheduler.step(model_output, t, sample).prev_sample
             model_output = None
         return pipeline.image_processor.postprocess(sample, output_type="pt") * 2 - 1
+
+    def _scheduler(self, **changes):
+        """The pipeline's scheduler config as a scheduler that can hold fitted schedules, with `changes`."""
+        return self.fitted_class.from_config(
+            {**self.config, "fitted_sigmas": None, "fitted_model_fingerprint": None, **changes}
+        )
+
+    def _teacher_samples(self, teacher_steps: int) -> torch.Tensor:
+        """
+        The teacher's images in [-1, 1] from the same noise and codes: EDM's variable-step iPNDM, rectified flow's Heun
+        on RNE's grid, at `teacher_steps` model calls (Heun takes an odd number: one fewer for an even count).
+        """
+        if self.fitted_class is IPNDMScheduler:
+            return self.samples(self._scheduler(variable_step=True), teacher_steps, reuse_states=False)
+        heun = self.pipeline.formulation.solver("heun")
+        return self.samples(heun, teacher_steps - 1 + teacher_steps % 2, reuse_states=False)
 
     def _keep(self, points: tuple[float, ...], state: tuple) -> None:
         """Remember a state, forgetting the least recently used beyond `MAX_KEPT_STATES`."""
@@ -184,6 +238,42 @@ class ScheduleDistance:
         self._states.move_to_end(points)
         if len(self._states) > MAX_KEPT_STATES:
             self._states.popitem(last=False)
+
+
+def _solver_state(scheduler) -> dict:
+    """What a scheduler carries from one model call to the next besides the sample: iPNDM's derivatives; Euler none."""
+    if isinstance(scheduler, IPNDMScheduler):
+        return {"derivatives": list(scheduler.derivatives), "lower_order_nums": scheduler.lower_order_nums}
+    return {}
+
+
+def _restore_solver_state(scheduler, state: dict, step_index: int) -> None:
+    """Put a scheduler whose timesteps are set back to a kept state, before its model call at `step_index`."""
+    for name, value in state.items():
+        setattr(scheduler, name, list(value) if isinstance(value, list) else value)
+    scheduler._step_index = step_index
+    if isinstance(scheduler, IPNDMScheduler):
+        scheduler.is_scale_input_called = True  # the kept model output was made from the scaled input
+
+
+def fitted_scheduler_class(scheduler) -> type:
+    """
+    The scheduler class that carries fitted schedules for a pipeline sampling with `scheduler`: [`IPNDMScheduler`]
+    (EDM) or [`FittedFlowMatchEulerDiscreteScheduler`] (rectified flow with diffusers' flow-matching Euler).
+
+    Raises:
+        `ValueError`: For any other scheduler, naming the one to set.
+    """
+    if isinstance(scheduler, IPNDMScheduler):
+        return IPNDMScheduler
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return FittedFlowMatchEulerDiscreteScheduler
+    raise ValueError(
+        f"Schedules are fitted for the IPNDMScheduler (EDM) and for FlowMatchEulerDiscreteScheduler (rectified flow), "
+        f"got {type(scheduler).__name__}: set `pipe.scheduler = solver_from_config('ipndm', pipe.scheduler.config)` "
+        "or, for a rectified-flow model, `pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config("
+        "pipe.scheduler.config)` first."
+    )
 
 
 def check_fit_nfe(num_inference_steps: Sequence[int], teacher_steps: int = DEFAULT_TEACHER_STEPS) -> None:
@@ -201,11 +291,7 @@ def check_fit_nfe(num_inference_steps: Sequence[int], teacher_steps: int = DEFAU
 
 
 def _check_fit_inputs(pipeline, num_inference_steps: Sequence[int], teacher_steps: int, sample_counts: dict) -> None:
-    if not isinstance(pipeline.scheduler, IPNDMScheduler):
-        raise ValueError(
-            f"Schedules are fitted for the IPNDMScheduler, got {type(pipeline.scheduler).__name__}: set "
-            "`pipe.scheduler = solver_from_config('ipndm', pipe.scheduler.config)` first."
-        )
+    fitted_scheduler_class(pipeline.scheduler)
     check_fit_nfe(num_inference_steps, teacher_steps)
     for name, count in sample_counts.items():
         if not isinstance(count, int) or count < 2:
@@ -237,23 +323,27 @@ def coordinate_descent(distance, sigmas: list[float], log_steps: Sequence[float]
 
 
 def _insertions(sigmas: list[float]) -> list[list[float]]:
-    """`sigmas` with one more point, the geometric mean of two neighbours: one schedule per gap (not a gap to 0)."""
+    """
+    `sigmas` with one more point, the geometric mean of two neighbours: one schedule per gap (not a gap to 0 or from
+    infinity).
+    """
     return [
         sigmas[: index + 1] + [math.sqrt(high * low)] + sigmas[index + 1 :]
         for index, (high, low) in enumerate(zip(sigmas, sigmas[1:]))
-        if low > 0
+        if low > 0 and math.isfinite(high)
     ]
 
 
-def _fit_one(distance, formula: list[float], below: list[float] | None, log_steps: Sequence[float]):
+def _fit_one(distance, starts: list[list[float]], below: list[float] | None, log_steps: Sequence[float]):
     """
-    The schedule fitted for one NFE: the descent from the formula schedule, and, when a schedule was fitted for one
-    model call less (`below`), also the descent from the best of its one-point insertions if that one starts closer
-    to the teacher than the first descent ended; the closer of the two.
+    The schedule fitted for one NFE: the descent from the closest of `starts` (the formula schedule first, which wins
+    ties), and, when a schedule was fitted for one model call less (`below`), also the descent from the best of its
+    one-point insertions if that one starts closer to the teacher than the first descent ended; the closer of the two.
     """
-    fitted = coordinate_descent(distance, formula, log_steps)
-    if below is not None:
-        insertions = [(distance(sigmas), sigmas) for sigmas in _insertions(below)]
+    start = starts[0] if len(starts) == 1 else min(starts, key=distance)
+    fitted = coordinate_descent(distance, start, log_steps)
+    insertions = [(distance(sigmas), sigmas) for sigmas in _insertions(below)] if below is not None else []
+    if insertions:  # none where `below` has no gap between two finite, positive points
         start_distance, start = min(insertions, key=lambda pair: pair[0])
         if start_distance < fitted[1]:
             fitted = min(fitted, coordinate_descent(distance, start, log_steps), key=lambda pair: pair[1])
@@ -273,7 +363,7 @@ def validate_schedules(
     draws of `generator`, with a new teacher), and keep the fitted schedules that are closer to the teacher there.
 
     Args:
-        pipeline ([`QACPipeline`]): The pipeline the schedules were fitted to, with an [`IPNDMScheduler`].
+        pipeline ([`QACPipeline`]): The pipeline the schedules were fitted to (see [`fitted_scheduler_class`]).
         fitted_sigmas (`Sequence[Sequence[float]]`): The fitted schedules, one per NFE.
         num_samples (`int`, defaults to 256), teacher_steps (`int`, defaults to 64): As in [`fit_schedules`].
         generator (`torch.Generator`, *optional*): The random source of the new noise and codes.
@@ -309,29 +399,34 @@ def fit_schedules(
     progress_bar: bool = True,
 ) -> ScheduleFitOutput:
     """
-    Fit the sigma schedule of the pipeline's [`IPNDMScheduler`] to its trained model, for each NFE in
-    `num_inference_steps` (see the module docstring for the method and why).
+    Fit the schedule of the pipeline's sampler to its trained model, for each NFE in `num_inference_steps` (see the
+    module docstring for the method and why): the sigma schedule of EDM's [`IPNDMScheduler`], or the time grid of
+    rectified flow's Euler (a `FlowMatchEulerDiscreteScheduler`, returned as a
+    [`FittedFlowMatchEulerDiscreteScheduler`]).
 
-    For each NFE, a coordinate descent starts from the formula (Karras) schedule and moves one sigma at a time by a
-    factor `exp(+-log_step)`, keeping a move when [`ScheduleDistance`] (the Frechet distance between the sampler's
-    images and a converged teacher's) drops. When the NFE one below is fitted in the same call, the best of its
-    schedules with one point inserted (the geometric mean of two neighbours) is a second start if it is already closer
-    than the first descent ended, and the closer result is kept. So a fitted schedule is never further from the
-    teacher than the formula; a second start alone could waste the new call (a point inserted next to sigma_min
-    changes nothing, and the descent from there stayed put on our digits baseline at NFE 5 and 6). Then, with
-    `validate`, [`validate_schedules`] scores every fitted schedule and the formula again on `num_validation_samples`
-    fresh draws of `generator`, and the scheduler keeps only the fitted schedules that are closer there: a schedule
-    that won on the search's draws by their chance alone goes back to the formula. Everything is deterministic given
-    `generator`.
+    For each NFE, a coordinate descent starts from the formula schedule (Karras; for rectified flow the closest of
+    RNE's uniform grid and its shifts, `FLOW_START_SHIFTS`) and moves one point at a time by a factor `exp(+-log_step)`
+    in sigma (in t / (1 - t), EDM's sigma, for rectified flow), keeping a move when [`ScheduleDistance`] (the Frechet
+    distance between the sampler's images and a converged teacher's) drops. When the NFE one below is fitted in the
+    same call, the best of its schedules with one point inserted (the geometric mean of two neighbours) is a second
+    start if it is already closer than the first descent ended, and the closer result is kept. So a fitted schedule is
+    never further from the teacher than the formula; a second start alone could waste the new call (a point inserted
+    next to sigma_min changes nothing, and the descent from there stayed put on our digits baseline at NFE 5 and 6).
+    Then, with `validate`, [`validate_schedules`] scores every fitted schedule and the formula again on
+    `num_validation_samples` fresh draws of `generator`, and the scheduler keeps only the fitted schedules that are
+    closer there: a schedule that won on the search's draws by their chance alone goes back to the formula. Everything
+    is deterministic given `generator`.
 
     Args:
-        pipeline ([`QACPipeline`]): A trained pipeline whose scheduler is an [`IPNDMScheduler`].
+        pipeline ([`QACPipeline`]): A trained pipeline whose scheduler is an [`IPNDMScheduler`] (EDM) or a
+            `FlowMatchEulerDiscreteScheduler` (rectified flow).
         num_inference_steps (`Sequence[int]`): The NFEs to fit; `set_timesteps` keeps the formula at any other.
         num_samples (`int`, defaults to 64): Noise draws the search measures its distances on.
-        teacher_steps (`int`, defaults to 64): Model calls of the teacher; more than the largest NFE.
+        teacher_steps (`int`, defaults to 64): Model calls of the teacher (see [`ScheduleDistance`]); more than the
+            largest NFE.
         generator (`torch.Generator`, *optional*): The random source of the noise and the codes.
-        log_steps (`Sequence[float]`, defaults to `(0.5, 0.2)`): The step sizes of the search in log sigma, largest
-            first.
+        log_steps (`Sequence[float]`, defaults to `(0.5, 0.2)`): The step sizes of the search in log sigma (of t / (1
+            - t) for rectified flow), largest first.
         validate (`bool`, defaults to `True`): Keep only the fitted schedules that are closer than the formula on
             fresh noise draws too.
         num_validation_samples (`int`, defaults to 256): The fresh noise draws of the validation.
@@ -345,24 +440,23 @@ def fit_schedules(
         {"num_samples": num_samples, "num_validation_samples": num_validation_samples},
     )
     distance = ScheduleDistance(pipeline, num_samples, teacher_steps, generator)
-    fitted, formula_distances, fitted_distances = [], {}, {}
+    searched, formula_distances, fitted_distances = [], {}, {}
     bar = tqdm(sorted(num_inference_steps), desc="Fitting schedules", disable=not progress_bar)
     for nfe in bar:
-        formula = distance.formula_sigmas(nfe)
-        formula_distances[nfe] = distance(formula)
-        below = fitted[-1] if nfe - 1 in fitted_distances else None
-        sigmas, fitted_distances[nfe] = _fit_one(distance, formula, below, log_steps)
-        fitted.append(sigmas)
+        starts = distance.search_starts(nfe)
+        formula_distances[nfe] = distance.search_distance(starts[0])
+        below = searched[-1] if nfe - 1 in fitted_distances else None
+        sigmas, fitted_distances[nfe] = _fit_one(distance.search_distance, starts, below, log_steps)
+        searched.append(sigmas)
         bar.set_postfix(nfe=nfe, formula=f"{formula_distances[nfe]:.3g}", fitted=f"{fitted_distances[nfe]:.3g}")
+    fitted = [distance.from_search(sigmas) for sigmas in searched]
     validation, num_validation_model_calls = ({}, {}), 0
     if validate:
         check = ScheduleDistance(pipeline, num_validation_samples, teacher_steps, generator)
         fitted, *validation = _validate(check, fitted)
         num_validation_model_calls = check.num_model_calls
     fingerprint = model_fingerprint(pipeline.unet, pipeline.encoder) if fitted else None
-    scheduler = IPNDMScheduler.from_config(
-        {**distance.config, "fitted_sigmas": fitted or None, "fitted_model_fingerprint": fingerprint}
-    )
+    scheduler = distance._scheduler(fitted_sigmas=fitted or None, fitted_model_fingerprint=fingerprint)
     return ScheduleFitOutput(
         scheduler=scheduler, formula_distances=formula_distances, fitted_distances=fitted_distances,
         validation_formula_distances=validation[0], validation_fitted_distances=validation[1],

@@ -30,6 +30,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 
+from .fitted_schedules import FittedSchedulesMixin
+
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -129,7 +131,7 @@ class IPNDMSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
-class IPNDMScheduler(SchedulerMixin, ConfigMixin):
+class IPNDMScheduler(FittedSchedulesMixin, SchedulerMixin, ConfigMixin):
     """
     The iPNDM sampler (Zhang & Chen 2023 [1], a fourth-order Adams-Bashforth multistep method with a lower-order warm
     start) for the probability-flow ODE `dx/dsigma = (x - D(x; sigma)) / sigma` in the EDM formulation of Karras et
@@ -417,11 +419,8 @@ class IPNDMScheduler(SchedulerMixin, ConfigMixin):
             )
         self.num_inference_steps = int(num_inference_steps)
 
-        if self.num_inference_steps in self.fitted_num_inference_steps:
-            sigmas = torch.tensor(self._fitted_schedule(self.num_inference_steps), dtype=torch.float64)
-        else:
-            sigmas = self._formula_sigmas(self.num_inference_steps)
-        self.sigmas = sigmas.to(torch.float32)  # kept on the CPU to avoid too much CPU/GPU communication
+        # kept on the CPU to avoid too much CPU/GPU communication
+        self.sigmas = self._schedule(self.num_inference_steps).to(torch.float32)
 
         first_call = self._sigma_offset()
         self.timesteps = self.precondition_noise(self.sigmas[first_call:-1]).to(device)
@@ -627,16 +626,6 @@ class IPNDMScheduler(SchedulerMixin, ConfigMixin):
         c_in = 1 / ((sigma**2 + self.config.sigma_data**2) ** 0.5)
         return c_in
 
-    @property
-    def fitted_num_inference_steps(self) -> list[int]:
-        """The NFEs that have a fitted schedule in the config (`fitted_sigmas`), in increasing order."""
-        return sorted(self._num_calls(len(schedule)) for schedule in self.config.fitted_sigmas or [])
-
-    def _fitted_schedule(self, num_inference_steps: int) -> list[float]:
-        """The fitted schedule for `num_inference_steps` model calls."""
-        schedules = self.config.fitted_sigmas
-        return next(sigmas for sigmas in schedules if self._num_calls(len(sigmas)) == num_inference_steps)
-
     def _formula_sigmas(self, num_inference_steps: int) -> torch.Tensor:
         """The polynomial schedule for `num_inference_steps` model calls (see `set_timesteps`), float64."""
         num_points = num_inference_steps + 1 + self._sigma_offset()
@@ -646,30 +635,9 @@ class IPNDMScheduler(SchedulerMixin, ConfigMixin):
             sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
         return sigmas
 
-    def _num_calls(self, num_points: int) -> int:
-        """The number of model calls of a schedule of `num_points` sigmas."""
-        return num_points - 1 - self._sigma_offset()
-
-    def _check_fitted_sigmas(self, schedules: list[list[float]]) -> None:
-        """Refuse fitted schedules that this scheduler cannot run: wrong ends, not decreasing, two for one NFE."""
-        final = 0.0 if self.config.final_sigmas_type == "zero" else self.config.sigma_min
-        fix = "refit them for this scheduler's config (`fit_schedules`) or pass `fitted_sigmas=None`"
-        for sigmas in schedules:
-            if self._num_calls(len(sigmas)) < 1:
-                raise ValueError(f"A fitted schedule needs at least {2 + self._sigma_offset()} sigmas, got {sigmas}.")
-            ends = math.isclose(sigmas[0], self.config.sigma_max, rel_tol=1e-6) and math.isclose(
-                sigmas[-1], final, rel_tol=1e-6
-            )
-            if not ends:
-                raise ValueError(
-                    f"The fitted schedule {sigmas} does not run from sigma_max={self.config.sigma_max} to the final "
-                    f"point {final} of this scheduler's config: {fix}."
-                )
-            if any(later >= earlier for earlier, later in zip(sigmas, sigmas[1:])):
-                raise ValueError(f"The fitted schedule {sigmas} is not strictly decreasing: {fix}.")
-        num_calls = [self._num_calls(len(sigmas)) for sigmas in schedules]
-        if len(set(num_calls)) != len(num_calls):
-            raise ValueError(f"`fitted_sigmas` holds more than one schedule for one NFE (NFEs {num_calls}): {fix}.")
+    def _schedule_ends(self) -> tuple[float, float]:
+        """The first and last sigma of every schedule of this config: sigma_max and the final point."""
+        return self.config.sigma_max, 0.0 if self.config.final_sigmas_type == "zero" else self.config.sigma_min
 
     def _sigma_offset(self) -> int:
         """The index in `sigmas` of the first model call: 1 with the analytical first step, else 0."""

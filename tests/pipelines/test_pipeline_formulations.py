@@ -15,31 +15,11 @@ from diffusers import (
     FlowMatchHeunDiscreteScheduler,
 )
 
-from conftest import make_tiny_models, make_tiny_pipeline, seeded
+from conftest import count_unet_calls, make_rf_pipeline, make_tiny_models, make_tiny_pipeline, seeded
 from qac_diffusers import IPNDMScheduler, QACImageEditPipeline, QACPipeline
 from qac_diffusers.formulations import RectifiedFlowFormulation
 from qac_diffusers.metrics.trajectory import pipeline_conditional_flow_matching_loss, pipeline_curvature
 from qac_diffusers.models import GaussianConditionEncoder
-
-
-def make_rf_pipeline(scheduler=None, encoder="fsq", pipeline_class=QACPipeline):
-    """A tiny rectified-flow pipeline: the tiny UNet with its FSQ encoder, a Gaussian encoder, or none."""
-    unet, fsq_encoder = make_tiny_models(code_dim=0 if encoder is None else 6)
-    encoders = {"fsq": fsq_encoder, "gaussian": GaussianConditionEncoder.for_unet(unet, code_dim=6), None: None}
-    pipe = pipeline_class(
-        unet=unet,
-        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(),
-        encoder=encoders[encoder],
-        formulation="rectified_flow",
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def count_unet_calls(pipe) -> list:
-    calls = []
-    pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[1]))
-    return calls
 
 
 @pytest.fixture

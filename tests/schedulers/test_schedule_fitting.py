@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import DiffusionPipeline, FlowMatchHeunDiscreteScheduler
 
-from conftest import make_tiny_models, make_tiny_pipeline, seeded
+from conftest import count_unet_calls, make_rf_pipeline, make_tiny_models, make_tiny_pipeline, seeded
 from qac_diffusers import IPNDMScheduler, QACPipeline
 from qac_diffusers.models.fingerprint import model_fingerprint
-from qac_diffusers.schedulers import solver_from_config
+from qac_diffusers.schedulers import FittedFlowMatchEulerDiscreteScheduler, solver_from_config
 from qac_diffusers.schedulers.schedule_fitting import (
+    FLOW_START_SHIFTS,
     ScheduleDistance,
     _fit_one,
     _insertions,
@@ -67,6 +69,8 @@ def test_insertions_add_one_geometric_mean_per_gap():
     assert second == pytest.approx([80.0, 1.0, math.sqrt(0.002), 0.002])
     (only,) = _insertions([80.0, 1.0, 0.0])  # none in the gap to 0
     assert only == pytest.approx([80.0, math.sqrt(80.0), 1.0, 0.0])
+    (only,) = _insertions([math.inf, 1.0, 0.25])  # none from infinity (rectified flow's t = 1)
+    assert only == pytest.approx([math.inf, 1.0, 0.5, 0.25])
 
 
 def test_fit_one_keeps_the_better_of_the_two_descents():
@@ -84,9 +88,11 @@ def test_fit_one_keeps_the_better_of_the_two_descents():
 
     formula = [80.0, 50.0, 30.0, 15.0, 0.002]
     assert coordinate_descent(distance, formula, (0.5,))[1] >= 0.3  # in the poor basin
-    fitted, best = _fit_one(distance, formula, [80.0, 9.0, 0.9, 0.002], (0.5,))
+    fitted, best = _fit_one(distance, [formula], [80.0, 9.0, 0.9, 0.002], (0.5,))
     assert fitted == pytest.approx(good) and best == pytest.approx(0.0)
-    assert _fit_one(distance, good, [80.0, 60.0, 40.0, 0.002], (0.5,)) == coordinate_descent(distance, good, (0.5,))
+    assert _fit_one(distance, [good], [80.0, 60.0, 40.0, 0.002], (0.5,)) == coordinate_descent(distance, good, (0.5,))
+    # with several starts, the descent starts from the closest (there: the good basin without a second start)
+    assert _fit_one(distance, [formula, good], None, (0.5,)) == coordinate_descent(distance, good, (0.5,))
 
 
 def test_distance_runs_the_pipelines_sampler_also_when_resuming_a_shared_prefix():
@@ -236,9 +242,9 @@ def test_other_solvers_drop_the_fitted_schedules(fitted):
     "fitted_sigmas, message",
     [
         ([[80.0, 5.0, 5.0, 0.002]], "not strictly decreasing"),
-        ([[70.0, 5.0, 1.0, 0.002]], "does not run from sigma_max=80.0"),
-        ([[80.0, 5.0, 1.0, 0.0]], "to the final point 0.002"),
-        ([[80.0, 0.002]], "needs at least 3 sigmas"),
+        ([[70.0, 5.0, 1.0, 0.002]], "does not run from 80.0 to 0.002"),
+        ([[80.0, 5.0, 1.0, 0.0]], "does not run from 80.0 to 0.002"),
+        ([[80.0, 0.002]], "needs at least 3 points"),
         ([[80.0, 5.0, 1.0, 0.002], [80.0, 7.0, 2.0, 0.002]], "more than one schedule for one NFE"),
     ],
 )
@@ -263,10 +269,12 @@ def test_fit_refuses_bad_input(kwargs, message):
         fit_schedules(make_tiny_pipeline(), **kwargs)
 
 
-def test_fit_refuses_another_scheduler():
-    pipe = make_tiny_pipeline()
-    pipe.scheduler = solver_from_config("dpmsolver2", pipe.scheduler.config)
-    with pytest.raises(ValueError, match="fitted for the IPNDMScheduler"):
+@pytest.mark.parametrize("formulation", ["edm", "rectified_flow"])
+def test_fit_refuses_another_scheduler(formulation):
+    pipe = make_tiny_pipeline() if formulation == "edm" else make_rf_pipeline(FlowMatchHeunDiscreteScheduler())
+    if formulation == "edm":
+        pipe.scheduler = solver_from_config("dpmsolver2", pipe.scheduler.config)
+    with pytest.raises(ValueError, match=r"fitted for the IPNDMScheduler \(EDM\) and for FlowMatchEulerDiscreteSch"):
         fit_schedules(pipe, [3])
 
 
@@ -312,3 +320,118 @@ def test_fit_works_for_the_unconditional_baseline():
     baseline = QACPipeline(unet=pipe.unet, scheduler=output.scheduler, encoder=None)
     baseline.scheduler.set_timesteps(2)
     assert baseline.scheduler.sigmas.tolist() == pytest.approx(output.scheduler.config.fitted_sigmas[0], rel=1e-6)
+
+
+# Rectified flow: Euler on time grids fitted to the model (FittedFlowMatchEulerDiscreteScheduler), Heun as the teacher.
+
+
+@pytest.fixture(scope="module")
+def flow_fitted():
+    """A tiny rectified-flow pipeline and its Euler grids fitted at NFE 2 and 3 (no validation)."""
+    pipe = make_rf_pipeline()
+    output = fit_schedules(pipe, [2, 3], **FLOW_FIT_SETTINGS, generator=seeded(0), validate=False, progress_bar=False)
+    return pipe, output
+
+
+FLOW_FIT_SETTINGS = {"num_samples": 6, "teacher_steps": 6}
+
+
+def test_flow_fit_keeps_its_grids_in_the_euler_scheduler(flow_fitted):
+    pipe, output = flow_fitted
+    scheduler = output.scheduler
+    assert type(scheduler) is FittedFlowMatchEulerDiscreteScheduler
+    assert scheduler.config.fitted_model_fingerprint == model_fingerprint(pipe.unet, pipe.encoder)
+    assert scheduler.fitted_num_inference_steps == [2, 3]
+    for nfe, grid in zip((2, 3), scheduler.config.fitted_sigmas):
+        assert len(grid) == nfe + 1 and grid[0] == 1.0 and grid[-1] == 0.0
+        assert output.fitted_distances[nfe] <= output.formula_distances[nfe]
+    again = fit_schedules(make_rf_pipeline(), [2, 3], **FLOW_FIT_SETTINGS, generator=seeded(0), validate=False,
+                          progress_bar=False)
+    assert again.scheduler.config.fitted_sigmas == scheduler.config.fitted_sigmas
+
+
+def test_flow_search_moves_edm_sigmas_and_starts_from_shifted_grids():
+    distance = ScheduleDistance(make_rf_pipeline(), num_samples=6, teacher_steps=3, generator=seeded(0))
+    grid = [1.0, 0.75, 0.5, 0.2, 0.0]
+    assert distance.to_search(grid) == pytest.approx([math.inf, 3.0, 1.0, 0.25, 0.0])
+    assert distance.from_search(distance.to_search(grid)) == pytest.approx(grid)
+    uniform, *shifted = distance.search_starts(2)
+    assert distance.from_search(uniform) == [1.0, 0.5, 0.0]
+    # each shift s is diffusers' time shift s t / (1 + (s - 1) t) of the uniform grid
+    assert [distance.from_search(start)[1] for start in shifted] == pytest.approx(
+        [shift * 0.5 / (1 + (shift - 1) * 0.5) for shift in FLOW_START_SHIFTS]
+    )
+    edm = ScheduleDistance(make_tiny_pipeline(), num_samples=6, teacher_steps=3, generator=seeded(0))
+    assert edm.search_starts(2) == [edm.formula_sigmas(2)] and edm.to_search([80.0, 1.0]) == [80.0, 1.0]
+
+
+def test_flow_distance_runs_the_pipelines_euler_and_a_heun_teacher():
+    pipe = make_rf_pipeline()
+    distance = ScheduleDistance(pipe, num_samples=6, teacher_steps=6, generator=seeded(3))
+    assert distance.num_model_calls == 5  # Heun takes an odd number of calls: one fewer than 6
+    assert distance.formula_sigmas(4) == [1.0, 0.75, 0.5, 0.25, 0.0]  # RNE's uniform grid
+    first, second = [1.0, 0.6, 0.3, 0.0], [1.0, 0.6, 0.1, 0.0]
+    runs = []
+    for grid in (first, second):
+        calls = distance.num_model_calls
+        runs.append((distance.samples(FittedFlowMatchEulerDiscreteScheduler(fitted_sigmas=[grid]), 3),
+                     distance.num_model_calls - calls))
+    assert [calls for _, calls in runs] == [3, 1]  # the second run reused the calls at t = 1 and 0.6
+
+    generator = seeded(3)
+    latents = torch.randn((6, 1, 8, 8), generator=generator)
+    code_indices = pipe.encoder.sample_indices(6, generator)
+    for grid, (samples, _) in zip((first, second), runs):
+        pipeline = make_rf_pipeline(FittedFlowMatchEulerDiscreteScheduler(fitted_sigmas=[grid]))
+        pipeline.unet, pipeline.encoder = pipe.unet, pipe.encoder
+        timesteps = count_unet_calls(pipeline)
+        images = pipeline(batch_size=6, num_inference_steps=3, latents=latents, code_indices=code_indices,
+                          output_type="pt").images
+        assert torch.equal(samples, images * 2 - 1)
+        assert [float(t) for t in timesteps] == pytest.approx([1000 * t for t in grid[:-1]])
+
+
+def test_flow_scheduler_uses_fitted_grids_only_at_their_nfe():
+    pipe = make_rf_pipeline(FittedFlowMatchEulerDiscreteScheduler(fitted_sigmas=[[1.0, 0.6, 0.2, 0.0]]))
+    pipe.formulation.set_timesteps(3)
+    assert pipe.scheduler.sigmas.tolist() == pytest.approx([1.0, 0.6, 0.2, 0.0])
+    pipe.formulation.set_timesteps(4)
+    plain = make_rf_pipeline()
+    plain.formulation.set_timesteps(4)
+    assert torch.equal(pipe.scheduler.sigmas, plain.scheduler.sigmas)
+    assert pipe.scheduler.sigmas.tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+@pytest.mark.parametrize(
+    "fitted_sigmas, message",
+    [
+        ([[0.9, 0.5, 0.0]], "does not run from 1.0 to 0.0"),
+        ([[1.0, 0.5, 0.1]], "does not run from 1.0 to 0.0"),
+        ([[1.0, 0.5, 0.5, 0.0]], "not strictly decreasing"),
+        ([[1.0]], "needs at least 2 points"),
+    ],
+)
+def test_flow_scheduler_refuses_bad_grids(fitted_sigmas, message):
+    with pytest.raises(ValueError, match=message):
+        FittedFlowMatchEulerDiscreteScheduler(fitted_sigmas=fitted_sigmas)
+
+
+def test_flow_pipeline_saves_and_loads_fitted_grids_also_with_plain_diffusers(flow_fitted, tmp_path):
+    pipe, output = flow_fitted
+    with_fit = make_rf_pipeline(output.scheduler)
+    with_fit.unet, with_fit.encoder = pipe.unet, pipe.encoder
+    images = with_fit(batch_size=2, num_inference_steps=3, generator=seeded(), output_type="pt").images
+    with_fit.save_pretrained(tmp_path)
+    loaded = QACPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.scheduler) is FittedFlowMatchEulerDiscreteScheduler
+    assert loaded.scheduler.config.fitted_sigmas == output.scheduler.config.fitted_sigmas
+    reloaded = loaded(batch_size=2, num_inference_steps=3, generator=seeded(), output_type="pt").images
+    assert torch.equal(reloaded, images)
+    plain = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    plain.set_progress_bar_config(disable=True)
+    assert type(plain.scheduler).__name__ == "FittedFlowMatchEulerDiscreteScheduler"
+    assert torch.equal(plain(batch_size=2, num_inference_steps=3, generator=seeded(), output_type="pt").images, images)
+    other_unet, other_encoder = make_tiny_models(code_dim=6, seed=1)
+    with pytest.raises(ValueError, match="fitted to another model: refit them"):
+        QACPipeline(unet=other_unet, scheduler=output.scheduler, encoder=other_encoder, formulation="rectified_flow")

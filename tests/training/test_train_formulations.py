@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 from qac_diffusers import FSQConditionEncoder, IPNDMScheduler, QACPipeline
 from qac_diffusers.models import GaussianConditionEncoder, NoiseEncoder
+from qac_diffusers.schedulers import FittedFlowMatchEulerDiscreteScheduler
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -18,9 +18,9 @@ sys.path.insert(0, str(REPO_ROOT))
 import train_qac  # noqa: E402
 
 
-# Two steps of 64 digits, no trackers, validation grid only at the end.
+# Two steps of 64 digits, no trackers, validation grid only at the end, no schedule fit unless a test asks for one.
 TWO_STEPS = ["--train_batch_size", "64", "--max_train_steps", "2", "--report_to", "none", "--validation_steps", "100",
-             "--num_validation_images", "4", "--checkpointing_steps", "2"]
+             "--num_validation_images", "4", "--checkpointing_steps", "2", "--fit_schedule_nfe"]
 
 
 @pytest.fixture(autouse=True)
@@ -64,14 +64,17 @@ def test_bad_combinations_fail_before_training(tmp_path, flags, message, capsys)
 
 
 def test_rectified_flow_trains_saves_and_reloads(tmp_path):
-    train(tmp_path, "--formulation", "rectified_flow")
+    train(tmp_path, "--formulation", "rectified_flow", "--fit_schedule_nfe", "2", "3", "--fit_schedule_samples", "8",
+          "--fit_schedule_validation_samples", "8")
     assert json.loads((tmp_path / "model_index.json").read_text())["formulation"] == "rectified_flow"
     pipe = reload_and_sample(tmp_path)
-    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    # the Euler grids fitted after training, in the scheduler that carries them
+    assert isinstance(pipe.scheduler, FittedFlowMatchEulerDiscreteScheduler)
     assert isinstance(pipe.encoder, FSQConditionEncoder)
     summary = json.loads((tmp_path / "training_summary.json").read_text())
-    # the default --fit_schedule_nfe is EDM's: skipped with a note, and the code weights are collected as for EDM
-    assert summary["schedule_fit"] is None and summary["code_usage"]["codes_used"] >= 1
+    fit = summary["schedule_fit"]
+    assert sorted(fit["fitted_distances"]) == ["2", "3"] and fit["nfe"] == pipe.scheduler.fitted_num_inference_steps
+    assert summary["code_usage"]["codes_used"] >= 1  # the code weights are collected as for EDM
     _, nfe = pipe.sample_reference(batch_size=1, generator=torch.Generator().manual_seed(0))
     assert nfe > 0
 

@@ -1,0 +1,226 @@
+"""Fitted Euler time grids against RNE's uniform grid, for rectified-flow models on digits (README "Fitted schedules").
+
+For the rectified-flow models of benchmarks/rectified_flow_tables.py ("rectified_flow": no condition; "qac": FSQ
+L = 2, d = 12; 3 seeds; trained if missing), fit the Euler grid with `fit_schedules` and the defaults train_qac.py
+uses (NFE 3..10), then measure the Frechet distance (FD) of 2000 samples to the held-out split, in the
+digits-classifier features, for: Euler on the fitted grids, Euler on RNE's uniform grid (what the pipeline uses
+without a fit) and Heun on RNE's grid (odd NFE). Also measured: the FD's own sampling noise (the fitted sampler
+resampled with another seed), whether the fitted FD rises from one NFE to the next by more than twice that noise, the
+seconds each fit took next to the model's training time, and how far the fit's teacher (Heun, 63 calls) is from the
+adaptive RK45 reference (RNE's), in the fit's own criterion.
+
+    python benchmarks/fitted_schedules_rectified_flow.py --seeds 0     # one process per seed, then all seeds
+
+Writes benchmarks/results/fitted_schedules_rectified_flow.{md,json,png}. Resumable: each fit is saved beside its
+model (fitted_scheduler/) and each FD in the model's benchmark_measurements.json.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+
+matplotlib.use("Agg")
+import few_step_quality as few_step  # noqa: E402
+import fitted_schedules  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import rectified_flow_tables  # noqa: E402
+import torch  # noqa: E402
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler  # noqa: E402
+
+from qac_diffusers import QACPipeline  # noqa: E402
+from qac_diffusers.metrics import extract_features, frechet_distance, train_feature_classifier  # noqa: E402
+from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
+    DEFAULT_SEARCH_SAMPLES,
+    DEFAULT_TEACHER_STEPS,
+    DEFAULT_VALIDATION_SAMPLES,
+    ScheduleDistance,
+    pixel_features,
+)
+
+
+MODELS = ["rectified_flow", "qac"]
+FITTED = "euler_fitted"
+SOLVERS = ["euler", "heun", FITTED]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--nfe", type=int, nargs="+", default=list(range(3, 11)))
+    parser.add_argument("--num_samples", type=int, default=2000)
+    parser.add_argument("--teacher_check_samples", type=int, default=256)
+    parser.add_argument("--work_dir", default=str(few_step.REPO_ROOT / "benchmarks" / "work-rectified-flow"))
+    parser.add_argument("--results_dir", default=str(few_step.REPO_ROOT / "benchmarks" / "results"))
+    # rectified_flow_tables.py's settings (data, preset, 1200 steps) for the models this benchmark reuses or trains
+    training = vars(rectified_flow_tables.parse_args([]))
+    return argparse.Namespace(**{**training, **vars(parser.parse_args()), "models": MODELS})
+
+
+def scheduler_for(solver: str, fitted, config):
+    """Euler on RNE's grid, Heun on RNE's grid, or Euler on the fitted grids."""
+    if solver == FITTED:
+        return fitted
+    return {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}[solver].from_config(
+        {key: value for key, value in config.items() if not key.startswith("fitted_")}
+    )
+
+
+def teacher_error(pipe: QACPipeline, num_samples: int, seed: int) -> dict:
+    """
+    The fit's criterion (pixel FD) between its teacher (Heun, `DEFAULT_TEACHER_STEPS` calls) and the adaptive RK45
+    reference from the same noise and codes, beside that of Euler at NFE 10 on RNE's grid to the same teacher.
+    """
+    distance = ScheduleDistance(pipe, num_samples, DEFAULT_TEACHER_STEPS, torch.Generator().manual_seed(seed))
+    latents = distance.latents.to(pipe._execution_device)
+    reference, reference_calls = pipe.formulation.reference_solve(pipe.unet, latents, distance.code)
+    reference_images = pipe.image_processor.postprocess(reference, output_type="pt") * 2 - 1
+    return {"teacher_vs_rk45": frechet_distance(pixel_features(reference_images), distance.teacher),
+            "euler10_vs_teacher": distance(distance.formula_sigmas(10)), "rk45_calls": reference_calls}
+
+
+def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features) -> dict:
+    """FD[solver][nfe] of one model, its fitted FD resampled with another seed, and its fit facts."""
+    pipe = QACPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    config = pipe.scheduler.config
+    fitted = fitted_schedules.fitted_scheduler(model_dir, pipe, seed)
+    measure = few_step.sample_frechet_distance
+    results = {"fd": {}, "resampled": {}}
+    for solver in SOLVERS:
+        pipe.scheduler = scheduler_for(solver, fitted, config)
+        for nfe in args.nfe if solver != "heun" else [nfe for nfe in args.nfe if nfe % 2]:
+            key = f"frechet_distance {solver} nfe {nfe} {args.num_samples} samples"
+            distance = few_step.cached(
+                model_dir, key, measure, pipe, args.num_samples, nfe, seed, classifier, heldout_features
+            )
+            results["fd"].setdefault(solver, {})[nfe] = distance
+            print(f"seed {seed} {model_dir.name:22s} {solver:13s} NFE {nfe:3d}: FD {distance:8.2f}", flush=True)
+    pipe.scheduler = fitted
+    for nfe in args.nfe:
+        key = f"frechet_distance {FITTED} nfe {nfe} {args.num_samples} samples draw 1"
+        distance = few_step.cached(
+            model_dir, key, measure, pipe, args.num_samples, nfe, 100 + seed, classifier, heldout_features
+        )
+        results["resampled"][nfe] = [distance]
+    key = f"teacher error {args.teacher_check_samples} samples"
+    pipe.scheduler = scheduler_for("euler", fitted, config)
+    results["teacher"] = few_step.cached(model_dir, key, teacher_error, pipe, args.teacher_check_samples, seed)
+    results["fit"] = json.loads((model_dir / "fitted_scheduler" / "fit_facts.json").read_text())
+    results["training_seconds"] = float((model_dir / "benchmark_training_seconds.txt").read_text())
+    results["fitted_sigmas"] = fitted.config.fitted_sigmas
+    results["fitted_nfe"] = fitted.fitted_num_inference_steps  # where the validation kept the fit
+    return results
+
+
+def markdown(args, results: dict, floor: float, accuracy: float) -> str:
+    mean_std = few_step.mean_std
+    lines = [
+        "# Fitted schedules for rectified flow on digits: Euler on grids fitted to each model vs RNE's uniform grid",
+        "",
+        "Command: `PYTHONPATH=. python benchmarks/fitted_schedules_rectified_flow.py` (see the header of the script "
+        "for what it measures).",
+        "",
+        f"Models: benchmarks/rectified_flow_tables.py's (preset {args.preset}, {args.max_train_steps} steps at batch "
+        f"{args.train_batch_size}, seeds {args.seeds}). FD of {args.num_samples} samples to the held-out split in the "
+        f"digits-classifier features (held-out accuracy {accuracy:.3f}), mean ± std over seeds; real training split "
+        f"vs held-out: {floor:.2f}. Fits: `fit_schedules` with its defaults ({DEFAULT_SEARCH_SAMPLES} noise draws "
+        f"in the search, {DEFAULT_VALIDATION_SAMPLES} in the validation, a Heun teacher of "
+        f"{DEFAULT_TEACHER_STEPS - 1} calls). Seeds on RNE's grid: where the fit's validation kept the uniform grid.",
+        "",
+    ]
+    for model in MODELS:
+        runs = results[model]
+        lines += [f"## {model}", "", "| NFE | " + " | ".join(SOLVERS) + " | fitted ≤ euler? | seeds on RNE's grid |",
+                  "|---" * (len(SOLVERS) + 3) + "|"]
+        for nfe in args.nfe:
+            cells = {solver: [run["fd"][solver][nfe] for run in runs if nfe in run["fd"][solver]]
+                     for solver in SOLVERS}
+            row = [mean_std(cells[solver]) if cells[solver] else "" for solver in SOLVERS]
+            verdict = "yes" if np.mean(cells[FITTED]) <= np.mean(cells["euler"]) else "**no**"
+            on_formula = [str(seed) for seed, run in zip(args.seeds, runs) if nfe not in run["fitted_nfe"]]
+            lines.append(f"| {nfe} | " + " | ".join(row) + f" | {verdict} | {', '.join(on_formula)} |")
+        noise = fitted_schedules.sampling_noise(runs, args.nfe, FITTED)
+        lines += ["", f"Sampling noise of the fitted FD (pooled std over 2 sampling seeds): {noise:.2f}."]
+        for seed, run in zip(args.seeds, runs):
+            found = fitted_schedules.rises(run, args.nfe, FITTED)
+            text = ", ".join(f"NFE {low}->{low + 1}: +{rise:.2f}" for low, rise in found) or "none"
+            beyond = [rise for _, rise in found if rise > 2 * noise]
+            lines.append(f"- seed {seed}: FD rises with NFE: {text}; beyond 2x the noise: {len(beyond)}.")
+        lines.append("")
+    lines += ["## The fit's teacher against RK45 (pixel FD, the fit's criterion, on "
+              f"{args.teacher_check_samples} draws)", "",
+              "| model | Heun teacher vs RK45 | Euler NFE 10 (RNE's grid) vs teacher | RK45 calls |",
+              "|---|---|---|---|"]
+    for model in MODELS:
+        for seed, run in zip(args.seeds, results[model]):
+            check = run["teacher"]
+            lines.append(f"| {model}-seed{seed} | {check['teacher_vs_rk45']:.2e} | {check['euler10_vs_teacher']:.2e} "
+                         f"| {check['rk45_calls']} |")
+    lines += ["", "## Cost of fitting (2-core CPU, shared machine)", "",
+              f"| model | fit seconds | UNet calls: search (batch {DEFAULT_SEARCH_SAMPLES}) + validation (batch "
+              f"{DEFAULT_VALIDATION_SAMPLES}) | images denoised / training images | training seconds | ratio |",
+              "|---|---|---|---|---|---|"]
+    training_images = args.max_train_steps * args.train_batch_size
+    for model in MODELS:
+        for seed, run in zip(args.seeds, results[model]):
+            fit, ratio = run["fit"], run["fit"]["seconds"] / run["training_seconds"]
+            lines.append(f"| {model}-seed{seed} | {fit['seconds']:.0f} | {fit['num_model_calls']} + "
+                         f"{fit['num_validation_model_calls']} | {fit['images_denoised'] / training_images:.2f} | "
+                         f"{run['training_seconds']:.0f} | {ratio:.2f} |")
+    lines += ["", "Fitted grids of seed 0 (t from 1 to 0):", ""]
+    for model in MODELS:
+        for nfe, grid in zip(results[model][0]["fitted_nfe"], results[model][0]["fitted_sigmas"] or []):
+            lines.append(f"- {model} NFE {nfe}: " + ", ".join(f"{t:.3g}" for t in grid))
+    return "\n".join(lines) + "\n"
+
+
+def plot(args, results: dict, floor: float, path: Path) -> None:
+    figure, axes = plt.subplots(1, len(MODELS), figsize=(6 * len(MODELS), 4.2), sharey=True)
+    for axis, model in zip(axes, MODELS):
+        for solver in SOLVERS:
+            nfes = [nfe for nfe in args.nfe if nfe in results[model][0]["fd"][solver]]
+            values = np.array([[run["fd"][solver][nfe] for nfe in nfes] for run in results[model]])
+            style = {"linewidth": 2.5, "color": "black"} if solver == FITTED else {}
+            axis.errorbar(nfes, values.mean(0), yerr=values.std(0), label=solver, capsize=3, **style)
+        axis.axhline(floor, color="gray", linestyle="--", label="real vs held-out")
+        axis.set(title=f"rectified flow: {model}", xlabel="NFE (UNet calls)", yscale="log")
+        axis.legend(fontsize=8)
+    axes[0].set_ylabel("FD (digits classifier), lower is better")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    work_dir, results_dir = Path(args.work_dir), Path(args.results_dir)
+    work_dir.mkdir(parents=True, exist_ok=True), results_dir.mkdir(parents=True, exist_ok=True)
+    train_split, heldout_split, data_folder = few_step.split_dataset(args, work_dir)
+    rectified_flow_tables.train_all(args, MODELS, data_folder, work_dir)
+    train_images, train_labels = few_step.to_tensor(train_split, 8)
+    heldout_images, heldout_labels = few_step.to_tensor(heldout_split, 8)
+    classifier = train_feature_classifier(train_images, train_labels, seed=0)
+    accuracy = classifier.accuracy(heldout_images, heldout_labels)
+    heldout_features = extract_features(classifier, heldout_images)
+    floor = frechet_distance(extract_features(classifier, train_images), heldout_features)
+
+    results = {}
+    for seed in args.seeds:
+        for model in MODELS:
+            model_dir = work_dir / f"{model}-seed{seed}"
+            results.setdefault(model, []).append(measure_model(args, model_dir, seed, classifier, heldout_features))
+
+    stem = results_dir / "fitted_schedules_rectified_flow"
+    report = markdown(args, results, floor, accuracy) + f"\n![FD against NFE]({stem.name}.png)\n"
+    stem.with_suffix(".md").write_text(report)
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"args": vars(args), "results": results, "real_vs_heldout": floor}, indent=1))
+    plot(args, results, floor, stem.with_suffix(".png"))
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
