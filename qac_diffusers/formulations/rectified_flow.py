@@ -14,7 +14,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ..schedulers.scheduling_flow_match_euler_fitted import euler_grid
+from ..schedulers.fitted_schedules import without_fitted_schedules
+from ..schedulers.scheduling_flow_match_euler_fitted import FittedFlowMatchEulerDiscreteScheduler, euler_grid
 from .base import Formulation
 
 
@@ -27,7 +28,8 @@ RK45_TOLERANCE = 1e-5
 # The Karras exponent of EDM (Karras et al. 2022), for the editing grid.
 KARRAS_RHO = 7.0
 
-SOLVERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
+# Euler keeps the grids fitted to the model, if the config has some (a FlowMatchEulerDiscreteScheduler with them).
+SOLVERS = {"euler": FittedFlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
 
 
 def heun_steps(num_inference_steps: int) -> int:
@@ -190,13 +192,17 @@ class RectifiedFlowFormulation(Formulation):
     # ----- sampling ------------------------------------------------------------------------------------------------
 
     def solver(self, name: str) -> SchedulerMixin:
-        """diffusers' "euler" (`FlowMatchEulerDiscreteScheduler`) or "heun" (`FlowMatchHeunDiscreteScheduler`)."""
+        """
+        "euler" (diffusers' `FlowMatchEulerDiscreteScheduler`, as [`FittedFlowMatchEulerDiscreteScheduler`] so that it
+        keeps the grids fitted to the model) or "heun" (`FlowMatchHeunDiscreteScheduler`, on RNE's grid).
+        """
         if name not in SOLVERS:
             raise ValueError(
                 f"Unknown rectified-flow solver {name!r}: choose one of {sorted(SOLVERS)}, or `sample_rk45` for the "
                 "adaptive reference."
             )
-        return SOLVERS[name].from_config(self.scheduler.config)
+        config = self.scheduler.config if name == "euler" else without_fitted_schedules(self.scheduler.config)
+        return SOLVERS[name].from_config(config)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """

@@ -6,6 +6,15 @@ import math
 import torch
 
 
+# The config entries of fitted schedules.
+FITTED_SCHEDULE_KEYS = ("fitted_sigmas", "fitted_model_fingerprint")
+
+
+def without_fitted_schedules(config) -> dict:
+    """`config` without fitted schedules, for another solver: they were fitted for the one whose config it is."""
+    return {key: value for key, value in config.items() if key not in FITTED_SCHEDULE_KEYS}
+
+
 class FittedSchedulesMixin:
     """
     The part of a scheduler that holds schedules fitted to one trained model: `fitted_sigmas` in its config, at most

@@ -5,6 +5,7 @@ import torch
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from .fitted_schedules import without_fitted_schedules
 from .scheduling_ipndm import IPNDMScheduler
 
 
@@ -48,10 +49,6 @@ class EDMDPMSolverMultistepSigmaMinScheduler(_EndsAtSigmaMin, EDMDPMSolverMultis
     """
 
 
-# The config entries of schedules fitted to a model for one solver (`IPNDMScheduler`'s `fitted_sigmas`).
-FITTED_SCHEDULE_KEYS = ("fitted_sigmas", "fitted_model_fingerprint")
-
-
 def _explicit(config) -> dict:
     """
     The settings every solver gets explicitly: diffusers' `from_config` drops the keys that a config built in memory
@@ -59,11 +56,6 @@ def _explicit(config) -> dict:
     `final_sigmas_type="zero"` and the same config loaded from disk `"sigma_min"`.
     """
     return {"final_sigmas_type": config.get("final_sigmas_type", "sigma_min")}
-
-
-def _without_fitted_schedules(config) -> dict:
-    """`config` without fitted schedules: they were fitted for another solver."""
-    return {key: value for key, value in config.items() if key not in FITTED_SCHEDULE_KEYS}
 
 
 def _for_diffusers(scheduler_class: type[SchedulerMixin], config) -> dict:
@@ -78,7 +70,7 @@ def _for_diffusers(scheduler_class: type[SchedulerMixin], config) -> dict:
 def _ipndm(config, variable_step: bool) -> IPNDMScheduler:
     """iPNDM with fixed or variable-step weights; it keeps fitted schedules only if they were fitted for it."""
     if config.get("variable_step", False) != variable_step:
-        config = _without_fitted_schedules(config)
+        config = without_fitted_schedules(config)
     return IPNDMScheduler.from_config(config, **_explicit(config), variable_step=variable_step)
 
 

@@ -435,3 +435,13 @@ def test_flow_pipeline_saves_and_loads_fitted_grids_also_with_plain_diffusers(fl
     other_unet, other_encoder = make_tiny_models(code_dim=6, seed=1)
     with pytest.raises(ValueError, match="fitted to another model: refit them"):
         QACPipeline(unet=other_unet, scheduler=output.scheduler, encoder=other_encoder, formulation="rectified_flow")
+
+
+def test_flow_solvers_euler_keeps_the_fitted_grids_heun_drops_them(flow_fitted):
+    _, output = flow_fitted
+    formulation = make_rf_pipeline(output.scheduler).formulation
+    euler, heun = formulation.solver("euler"), formulation.solver("heun")
+    assert type(euler) is FittedFlowMatchEulerDiscreteScheduler
+    assert euler.config.fitted_sigmas == output.scheduler.config.fitted_sigmas
+    assert type(heun) is FlowMatchHeunDiscreteScheduler
+    assert "fitted_sigmas" not in heun.config and "fitted_model_fingerprint" not in heun.config
