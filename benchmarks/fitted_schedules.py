@@ -95,30 +95,43 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
     pipe = QACPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
     karras_config = pipe.scheduler.config
+    samplers = {solver: (solver_from_config(solver, karras_config), args.nfe) for solver in KARRAS_SOLVERS}
     fitted = fitted_scheduler(model_dir, pipe, seed)
+    samplers[FITTED] = (fitted, args.nfe)
+    return measure_samplers(args, model_dir, pipe, seed, samplers, FITTED, classifier, heldout_features)
+
+
+def measure_samplers(
+    args, model_dir: Path, pipe: QACPipeline, seed: int, samplers: dict, fitted: str, classifier, heldout_features
+) -> dict:
+    """
+    FD[sampler][nfe] of one model for each `samplers[name] = (scheduler, nfes)`, the FD of the fitted one (`fitted`)
+    resampled with `args.resample_seeds` other seeds, and the fit's facts; each FD cached in the model's folder.
+    """
     measure = few_step.sample_frechet_distance
     results = {"fd": {}, "resampled": {}}
-    for solver in [*KARRAS_SOLVERS, FITTED]:
-        pipe.scheduler = fitted if solver == FITTED else solver_from_config(solver, karras_config)
-        for nfe in args.nfe:
-            key = f"frechet_distance {solver} nfe {nfe} {args.num_samples} samples"
+    for name, (scheduler, nfes) in samplers.items():
+        pipe.scheduler = scheduler
+        for nfe in nfes:
+            key = f"frechet_distance {name} nfe {nfe} {args.num_samples} samples"
             distance = few_step.cached(
                 model_dir, key, measure, pipe, args.num_samples, nfe, seed, classifier, heldout_features
             )
-            results["fd"].setdefault(solver, {})[nfe] = distance
-            print(f"seed {seed} {model_dir.name:16s} {solver:15s} NFE {nfe:3d}: FD {distance:8.2f}", flush=True)
-    pipe.scheduler = fitted
-    for nfe in args.nfe:
+            results["fd"].setdefault(name, {})[nfe] = distance
+            print(f"seed {seed} {model_dir.name:22s} {name:15s} NFE {nfe:3d}: FD {distance:8.2f}", flush=True)
+    scheduler, nfes = samplers[fitted]
+    pipe.scheduler = scheduler
+    for nfe in nfes:
         for draw in range(1, args.resample_seeds + 1):
-            key = f"frechet_distance {FITTED} nfe {nfe} {args.num_samples} samples draw {draw}"
+            key = f"frechet_distance {fitted} nfe {nfe} {args.num_samples} samples draw {draw}"
             distance = few_step.cached(
                 model_dir, key, measure, pipe, args.num_samples, nfe, 100 * draw + seed, classifier, heldout_features
             )
             results["resampled"].setdefault(nfe, []).append(distance)
     results["fit"] = json.loads((model_dir / "fitted_scheduler" / "fit_facts.json").read_text())
     results["training_seconds"] = float((model_dir / "benchmark_training_seconds.txt").read_text())
-    results["fitted_sigmas"] = fitted.config.fitted_sigmas
-    results["fitted_nfe"] = fitted.fitted_num_inference_steps  # where the validation kept the fit
+    results["fitted_sigmas"] = scheduler.config.fitted_sigmas
+    results["fitted_nfe"] = scheduler.fitted_num_inference_steps  # where the validation kept the fit
     return results
 
 
@@ -195,10 +208,33 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
     for nfe in args.moonshot_nfe:
         qac = [run["fd"][FITTED][nfe] for run in results["qac"]]
         lines.append(f"| {nfe} | {mean_std(qac)} | {mean_std([m[nfe] for m in moon])} |")
-    lines += ["", "## Cost of fitting (2-core CPU, shared machine)", "",
-              f"| model | fit seconds | UNet calls: search (batch {DEFAULT_SEARCH_SAMPLES}) + validation (batch "
-              f"{DEFAULT_VALIDATION_SAMPLES}) | images denoised / training images | training seconds | ratio |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", *cost_table(args, results)]
+    lines += ["", "Fitted schedules of seed 0 (sigma from sigma_max to sigma_min, the first step analytical):", ""]
+    for model in args.models:
+        for nfe, sigmas in zip(results[model][0]["fitted_nfe"], results[model][0]["fitted_sigmas"] or []):
+            lines.append(f"- {model} NFE {nfe}: " + ", ".join(f"{sigma:.3g}" for sigma in sigmas))
+    return "\n".join(lines) + "\n"
+
+
+def digits_classifier(train_split, heldout_split) -> tuple:
+    """
+    The digits classifier trained on the training split (seed 0), the held-out split's features, the FD of the
+    training split to them (the floor of the FD) and the classifier's held-out accuracy.
+    """
+    train_images, train_labels = few_step.to_tensor(train_split, 8)
+    heldout_images, heldout_labels = few_step.to_tensor(heldout_split, 8)
+    classifier = train_feature_classifier(train_images, train_labels, seed=0)
+    heldout_features = extract_features(classifier, heldout_images)
+    floor = frechet_distance(extract_features(classifier, train_images), heldout_features)
+    return classifier, heldout_features, floor, classifier.accuracy(heldout_images, heldout_labels)
+
+
+def cost_table(args, results: dict) -> list[str]:
+    """The markdown lines of the fits' cost: seconds, UNet calls and images against each model's training."""
+    lines = ["## Cost of fitting (2-core CPU, shared machine)", "",
+             f"| model | fit seconds | UNet calls: search (batch {DEFAULT_SEARCH_SAMPLES}) + validation (batch "
+             f"{DEFAULT_VALIDATION_SAMPLES}) | images denoised / training images | training seconds | ratio |",
+             "|---|---|---|---|---|---|"]
     training_images = args.max_train_steps * args.train_batch_size
     for model in args.models:
         for seed, run in zip(args.seeds, results[model]):
@@ -206,11 +242,7 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
             lines.append(f"| {model}-seed{seed} | {fit['seconds']:.0f} | {fit['num_model_calls']} + "
                          f"{fit['num_validation_model_calls']} | {fit['images_denoised'] / training_images:.2f} | "
                          f"{run['training_seconds']:.0f} | {ratio:.2f} |")
-    lines += ["", "Fitted schedules of seed 0 (sigma from sigma_max to sigma_min, the first step analytical):", ""]
-    for model in args.models:
-        for nfe, sigmas in zip(results[model][0]["fitted_nfe"], results[model][0]["fitted_sigmas"] or []):
-            lines.append(f"- {model} NFE {nfe}: " + ", ".join(f"{sigma:.3g}" for sigma in sigmas))
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(args, results: dict, moon: dict, floor: float, path: Path) -> None:
@@ -237,12 +269,7 @@ def main() -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     train_split, heldout_split, data_folder = few_step.split_dataset(args, work_dir)
     few_step.train_models(args, data_folder, work_dir)
-    train_images, train_labels = few_step.to_tensor(train_split, 8)
-    heldout_images, heldout_labels = few_step.to_tensor(heldout_split, 8)
-    classifier = train_feature_classifier(train_images, train_labels, seed=0)
-    accuracy = classifier.accuracy(heldout_images, heldout_labels)
-    heldout_features = extract_features(classifier, heldout_images)
-    floor = frechet_distance(extract_features(classifier, train_images), heldout_features)
+    classifier, heldout_features, floor, accuracy = digits_classifier(train_split, heldout_split)
 
     results, moon = {}, []
     for seed in args.seeds:

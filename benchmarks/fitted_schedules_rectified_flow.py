@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler  # noqa: E402
 
 from qac_diffusers import QACPipeline  # noqa: E402
-from qac_diffusers.metrics import extract_features, frechet_distance, train_feature_classifier  # noqa: E402
+from qac_diffusers.metrics import frechet_distance  # noqa: E402
 from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_TEACHER_STEPS,
@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--results_dir", default=str(few_step.REPO_ROOT / "benchmarks" / "results"))
     # rectified_flow_tables.py's settings (data, preset, 1200 steps) for the models this benchmark reuses or trains
     training = vars(rectified_flow_tables.parse_args([]))
-    return argparse.Namespace(**{**training, **vars(parser.parse_args()), "models": MODELS})
+    return argparse.Namespace(**{**training, **vars(parser.parse_args()), "models": MODELS, "resample_seeds": 1})
 
 
 def scheduler_for(solver: str, fitted, config):
@@ -83,36 +83,19 @@ def teacher_error(pipe: QACPipeline, num_samples: int, seed: int) -> dict:
 
 
 def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features) -> dict:
-    """FD[solver][nfe] of one model, its fitted FD resampled with another seed, and its fit facts."""
+    """FD[solver][nfe] of one model, its fitted FD resampled with another seed, its fit facts, its teacher's error."""
     pipe = QACPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
     config = pipe.scheduler.config
     fitted = fitted_schedules.fitted_scheduler(model_dir, pipe, seed)
-    measure = few_step.sample_frechet_distance
-    results = {"fd": {}, "resampled": {}}
-    for solver in SOLVERS:
-        pipe.scheduler = scheduler_for(solver, fitted, config)
-        for nfe in args.nfe if solver != "heun" else [nfe for nfe in args.nfe if nfe % 2]:
-            key = f"frechet_distance {solver} nfe {nfe} {args.num_samples} samples"
-            distance = few_step.cached(
-                model_dir, key, measure, pipe, args.num_samples, nfe, seed, classifier, heldout_features
-            )
-            results["fd"].setdefault(solver, {})[nfe] = distance
-            print(f"seed {seed} {model_dir.name:22s} {solver:13s} NFE {nfe:3d}: FD {distance:8.2f}", flush=True)
-    pipe.scheduler = fitted
-    for nfe in args.nfe:
-        key = f"frechet_distance {FITTED} nfe {nfe} {args.num_samples} samples draw 1"
-        distance = few_step.cached(
-            model_dir, key, measure, pipe, args.num_samples, nfe, 100 + seed, classifier, heldout_features
-        )
-        results["resampled"][nfe] = [distance]
+    samplers = {solver: (scheduler_for(solver, fitted, config), args.nfe) for solver in SOLVERS}
+    samplers["heun"] = (samplers["heun"][0], [nfe for nfe in args.nfe if nfe % 2])  # Heun takes an odd NFE
+    results = fitted_schedules.measure_samplers(
+        args, model_dir, pipe, seed, samplers, FITTED, classifier, heldout_features
+    )
     key = f"teacher error {args.teacher_check_samples} samples"
     pipe.scheduler = scheduler_for("euler", fitted, config)
     results["teacher"] = few_step.cached(model_dir, key, teacher_error, pipe, args.teacher_check_samples, seed)
-    results["fit"] = json.loads((model_dir / "fitted_scheduler" / "fit_facts.json").read_text())
-    results["training_seconds"] = float((model_dir / "benchmark_training_seconds.txt").read_text())
-    results["fitted_sigmas"] = fitted.config.fitted_sigmas
-    results["fitted_nfe"] = fitted.fitted_num_inference_steps  # where the validation kept the fit
     return results
 
 
@@ -160,17 +143,7 @@ def markdown(args, results: dict, floor: float, accuracy: float) -> str:
             check = run["teacher"]
             lines.append(f"| {model}-seed{seed} | {check['teacher_vs_rk45']:.2e} | {check['euler10_vs_teacher']:.2e} "
                          f"| {check['rk45_calls']} |")
-    lines += ["", "## Cost of fitting (2-core CPU, shared machine)", "",
-              f"| model | fit seconds | UNet calls: search (batch {DEFAULT_SEARCH_SAMPLES}) + validation (batch "
-              f"{DEFAULT_VALIDATION_SAMPLES}) | images denoised / training images | training seconds | ratio |",
-              "|---|---|---|---|---|---|"]
-    training_images = args.max_train_steps * args.train_batch_size
-    for model in MODELS:
-        for seed, run in zip(args.seeds, results[model]):
-            fit, ratio = run["fit"], run["fit"]["seconds"] / run["training_seconds"]
-            lines.append(f"| {model}-seed{seed} | {fit['seconds']:.0f} | {fit['num_model_calls']} + "
-                         f"{fit['num_validation_model_calls']} | {fit['images_denoised'] / training_images:.2f} | "
-                         f"{run['training_seconds']:.0f} | {ratio:.2f} |")
+    lines += ["", *fitted_schedules.cost_table(args, results)]
     lines += ["", "Fitted grids of seed 0 (t from 1 to 0):", ""]
     for model in MODELS:
         for nfe, grid in zip(results[model][0]["fitted_nfe"], results[model][0]["fitted_sigmas"] or []):
@@ -200,12 +173,7 @@ def main() -> None:
     work_dir.mkdir(parents=True, exist_ok=True), results_dir.mkdir(parents=True, exist_ok=True)
     train_split, heldout_split, data_folder = few_step.split_dataset(args, work_dir)
     rectified_flow_tables.train_all(args, MODELS, data_folder, work_dir)
-    train_images, train_labels = few_step.to_tensor(train_split, 8)
-    heldout_images, heldout_labels = few_step.to_tensor(heldout_split, 8)
-    classifier = train_feature_classifier(train_images, train_labels, seed=0)
-    accuracy = classifier.accuracy(heldout_images, heldout_labels)
-    heldout_features = extract_features(classifier, heldout_images)
-    floor = frechet_distance(extract_features(classifier, train_images), heldout_features)
+    classifier, heldout_features, floor, accuracy = fitted_schedules.digits_classifier(train_split, heldout_split)
 
     results = {}
     for seed in args.seeds:

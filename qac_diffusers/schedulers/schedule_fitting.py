@@ -67,8 +67,7 @@ class ScheduleFitOutput(BaseOutput):
             config: `pipe.scheduler = output.scheduler`, then `pipe.save_pretrained(...)` keeps them.
         formula_distances (`dict[int, float]`):
             For each NFE, the Frechet distance to the teacher's samples on the formula schedule (Karras; RNE's uniform
-            grid for rectified flow), on the
-            noise draws of the search.
+            grid for rectified flow), on the noise draws of the search.
         fitted_distances (`dict[int, float]`):
             The same on the fitted schedule (never larger).
         validation_formula_distances (`dict[int, float]`), validation_fitted_distances (`dict[int, float]`):
