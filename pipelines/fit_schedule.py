@@ -4,8 +4,8 @@
 
 The search (qac_diffusers/schedulers/schedule_fitting.py) runs the model's own sampler (iPNDM for EDM, Euler for
 rectified flow) on candidate schedules and keeps the one whose images are closest, as a distribution, to those of a
-converged teacher. The fitted schedules are written into the model folder's scheduler config (or into --output_dir, a
-copy of the whole pipeline), where QACPipeline uses them by default at the NFE they were fitted for and the formula
+converged teacher. The pipeline with the fitted schedules in its scheduler config is saved back into the model folder
+(or into --output_dir), where QACPipeline uses them by default at the NFE they were fitted for and the formula
 schedule (Karras; RNE's uniform grid for rectified flow) at any other.
 """
 
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--output_dir", help="Save the pipeline with the fitted schedules here; required for a Hub repo id. By "
-        "default the model folder's scheduler config is rewritten."
+        "default it is saved back into the model folder."
     )
     return parser.parse_args(argv)
 
@@ -58,10 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     seconds = time.perf_counter() - started
     pipe.scheduler = fit.scheduler
-    if args.output_dir is None:
-        pipe.scheduler.save_pretrained(Path(args.model) / "scheduler")
-    else:
-        pipe.save_pretrained(args.output_dir)
+    # the whole pipeline: a rectified-flow model's scheduler changes class (FittedFlowMatchEulerDiscreteScheduler),
+    # which model_index.json and the shipped code must name
+    pipe.save_pretrained(args.output_dir or args.model)
     print(f"Fitted in {seconds:.1f} s: {fit.num_model_calls} UNet calls on {args.num_samples} images in the search, "
           f"{fit.num_validation_model_calls} on {args.validation_samples} in the validation.")
     print("NFE  distance to the teacher, search draws: formula -> fitted; fresh draws: formula -> fitted   schedule")
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{nfe:3d}  {fit.formula_distances[nfe]:10.4g} -> {fit.fitted_distances[nfe]:<10.4g} "
               f"{fit.validation_formula_distances[nfe]:10.4g} -> {fit.validation_fitted_distances[nfe]:<10.4g} "
               f"{schedule}")
-    print(f"Saved to {args.output_dir or Path(args.model) / 'scheduler'}")
+    print(f"Saved to {args.output_dir or args.model}")
 
 
 if __name__ == "__main__":

@@ -312,6 +312,18 @@ def test_fit_schedule_script_writes_the_model_folders_scheduler(fitted, tmp_path
         script.main(["--model", "user/not-a-folder"])
 
 
+def test_fit_schedule_script_saves_a_rectified_flow_model_with_its_new_scheduler(flow_fitted, tmp_path):
+    pipe, _ = flow_fitted
+    pipe.save_pretrained(tmp_path / "model")  # with diffusers' FlowMatchEulerDiscreteScheduler
+    load_script("fit_schedule").main(["--model", str(tmp_path / "model"), "--nfe", "2", "--num_samples", "6",
+                                      "--teacher_steps", "6", "--validation_samples", "6", "--device", "cpu"])
+    loaded = QACPipeline.from_pretrained(tmp_path / "model")
+    validated = fit_schedules(pipe, [2], **FLOW_FIT_SETTINGS, num_validation_samples=6, generator=seeded(0),
+                              progress_bar=False)
+    assert type(loaded.scheduler) is FittedFlowMatchEulerDiscreteScheduler  # model_index.json names the new class
+    assert loaded.scheduler.config.fitted_sigmas == validated.scheduler.config.fitted_sigmas
+
+
 def test_fit_works_for_the_unconditional_baseline():
     pipe = make_tiny_pipeline(code_dim=0)
     output = fit_schedules(pipe, [2], **FIT_SETTINGS, generator=seeded(0), validate=False, progress_bar=False)
