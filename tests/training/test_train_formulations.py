@@ -63,9 +63,10 @@ def test_bad_combinations_fail_before_training(tmp_path, flags, message, capsys)
     assert not (tmp_path / "out" / "logs").exists()
 
 
-def test_rectified_flow_trains_saves_and_reloads(tmp_path):
-    train(tmp_path, "--formulation", "rectified_flow", "--fit_schedule_nfe", "2", "3", "--fit_schedule_samples", "8",
-          "--fit_schedule_validation_samples", "8")
+def test_rectified_flow_trains_saves_and_reloads(tmp_path, monkeypatch):
+    flags = ["--formulation", "rectified_flow", "--fit_schedule_nfe", "2", "3", "--fit_schedule_samples", "8",
+             "--fit_schedule_validation_samples", "8"]
+    train(tmp_path, *flags)
     assert json.loads((tmp_path / "model_index.json").read_text())["formulation"] == "rectified_flow"
     pipe = reload_and_sample(tmp_path)
     # the Euler grids fitted after training, in the scheduler that carries them
@@ -77,6 +78,12 @@ def test_rectified_flow_trains_saves_and_reloads(tmp_path):
     assert summary["code_usage"]["codes_used"] >= 1  # the code weights are collected as for EDM
     _, nfe = pipe.sample_reference(batch_size=1, generator=torch.Generator().manual_seed(0))
     assert nfe > 0
+    # resumed from the end, the run keeps the fitted grids in their scheduler instead of fitting again
+    monkeypatch.setattr(train_qac, "fit_schedules", lambda *args, **kwargs: pytest.fail("fitted again"))
+    train(tmp_path, *flags, "--resume_from_checkpoint", "latest")
+    again = QACPipeline.from_pretrained(tmp_path).scheduler
+    assert type(again) is FittedFlowMatchEulerDiscreteScheduler
+    assert again.config.fitted_sigmas == pipe.scheduler.config.fitted_sigmas
 
 
 def test_a_fresh_noise_encoder_is_the_independent_coupling(tmp_path):
