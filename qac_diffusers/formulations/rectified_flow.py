@@ -16,6 +16,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..schedulers.fitted_schedules import without_fitted_schedules
 from ..schedulers.scheduling_flow_match_euler_fitted import FittedFlowMatchEulerDiscreteScheduler, euler_grid
+from ..schedulers.scheduling_flow_match_heun_fitted import FittedFlowMatchHeunDiscreteScheduler, heun_steps
 from .base import Formulation
 
 
@@ -28,21 +29,10 @@ RK45_TOLERANCE = 1e-5
 # The Karras exponent of EDM (Karras et al. 2022), for the editing grid.
 KARRAS_RHO = 7.0
 
-# Euler keeps the grids fitted to the model, if the config has some (a FlowMatchEulerDiscreteScheduler with them).
-SOLVERS = {"euler": FittedFlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
-
-
-def heun_steps(num_inference_steps: int) -> int:
-    """
-    The steps of Heun's method with `num_inference_steps` model calls in RNE's convention: (N + 1) / 2 steps on
-    RNE's uniform grid, each of two calls but the last, which is an Euler step (so N is odd).
-    """
-    if num_inference_steps % 2 == 0:
-        raise ValueError(
-            f"Heun takes an odd number of model calls (RNE's convention: (N + 1) / 2 steps, the last one Euler), got "
-            f"num_inference_steps={num_inference_steps}: pass {num_inference_steps - 1} or {num_inference_steps + 1}."
-        )
-    return (num_inference_steps + 1) // 2
+# diffusers' solvers, as the subclasses that take time grids and keep the ones fitted for them.
+SOLVERS = {"euler": FittedFlowMatchEulerDiscreteScheduler, "heun": FittedFlowMatchHeunDiscreteScheduler}
+# diffusers' own class of each: grids fitted for one solver mean nothing to the other (Heun takes two calls a step).
+DIFFUSERS_SOLVERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
 
 
 def rk45_solve(
@@ -193,15 +183,17 @@ class RectifiedFlowFormulation(Formulation):
 
     def solver(self, name: str) -> SchedulerMixin:
         """
-        "euler" (diffusers' `FlowMatchEulerDiscreteScheduler`, as [`FittedFlowMatchEulerDiscreteScheduler`] so that it
-        keeps the grids fitted to the model) or "heun" (`FlowMatchHeunDiscreteScheduler`, on RNE's grid).
+        "euler" or "heun": diffusers' `FlowMatchEulerDiscreteScheduler` or `FlowMatchHeunDiscreteScheduler`, as
+        [`FittedFlowMatchEulerDiscreteScheduler`] or [`FittedFlowMatchHeunDiscreteScheduler`], which keep the grids
+        fitted to the model for that solver (dropped when the current scheduler is the other one).
         """
         if name not in SOLVERS:
             raise ValueError(
                 f"Unknown rectified-flow solver {name!r}: choose one of {sorted(SOLVERS)}, or `sample_rk45` for the "
                 "adaptive reference."
             )
-        config = self.scheduler.config if name == "euler" else without_fitted_schedules(self.scheduler.config)
+        same_solver = isinstance(self.scheduler, DIFFUSERS_SOLVERS[name])
+        config = self.scheduler.config if same_solver else without_fitted_schedules(self.scheduler.config)
         return SOLVERS[name].from_config(config)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
@@ -212,10 +204,10 @@ class RectifiedFlowFormulation(Formulation):
         """
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        if isinstance(self.scheduler, FlowMatchHeunDiscreteScheduler):
-            self._set_heun_timesteps(heun_steps(num_inference_steps), device)
-        elif hasattr(type(self.scheduler), "grid"):  # FittedFlowMatchEulerDiscreteScheduler: its fitted grid or RNE's
+        if hasattr(type(self.scheduler), "grid"):  # the schedulers of SOLVERS: the fitted grid, or RNE's
             self.scheduler.set_timesteps(sigmas=self.scheduler.grid(num_inference_steps), device=device)
+        elif isinstance(self.scheduler, FlowMatchHeunDiscreteScheduler):
+            self._set_heun_timesteps(heun_steps(num_inference_steps), device)
         else:
             self.scheduler.set_timesteps(sigmas=euler_grid(num_inference_steps).tolist(), device=device)
 

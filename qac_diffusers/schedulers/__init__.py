@@ -1,3 +1,4 @@
 from .scheduling_flow_match_euler_fitted import FittedFlowMatchEulerDiscreteScheduler, euler_grid
+from .scheduling_flow_match_heun_fitted import FittedFlowMatchHeunDiscreteScheduler, heun_steps
 from .scheduling_ipndm import IPNDMScheduler, IPNDMSchedulerOutput, ScheduleNotSetError
 from .solvers import SOLVERS, EDMDPMSolverMultistepSigmaMinScheduler, EDMEulerSigmaMinScheduler, solver_from_config

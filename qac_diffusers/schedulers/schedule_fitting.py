@@ -1,8 +1,9 @@
 # Copyright 2026 The qac-diffusers authors. Licensed under the Apache License, Version 2.0.
 """Sampling schedules fitted to one trained model (beyond the paper), for the sampler that will use them.
 
-EDM models sample with iPNDM (`IPNDMScheduler`, schedules in sigma), rectified-flow models with Euler
-(`FittedFlowMatchEulerDiscreteScheduler`, time grids in t); the search below is the same for both.
+EDM models sample with iPNDM (`IPNDMScheduler`, schedules in sigma), rectified-flow models with Euler or Heun
+(`FittedFlowMatchEulerDiscreteScheduler`, `FittedFlowMatchHeunDiscreteScheduler`, time grids in t); the search below
+is the same for all.
 
 GITS (Chen et al. 2024, "On the Trajectory Regularity of ODE-based Diffusion Sampling", zju-pi/diff-sampler
 `gits-main`) searches a time schedule against teacher trajectories of the model itself with a one-step Euler cost and
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
@@ -36,6 +37,7 @@ from ..formulations import formulation_from_name
 from ..metrics.frechet import frechet_distance
 from ..models.fingerprint import model_fingerprint
 from .scheduling_flow_match_euler_fitted import FittedFlowMatchEulerDiscreteScheduler
+from .scheduling_flow_match_heun_fitted import FittedFlowMatchHeunDiscreteScheduler
 from .scheduling_ipndm import IPNDMScheduler
 
 
@@ -62,7 +64,7 @@ class ScheduleFitOutput(BaseOutput):
     Output of [`fit_schedules`].
 
     Args:
-        scheduler ([`IPNDMScheduler`] or [`FittedFlowMatchEulerDiscreteScheduler`]):
+        scheduler (see [`fitted_scheduler_class`]):
             The pipeline's scheduler with the fitted schedules (`fitted_sigmas`) and the model's fingerprint in its
             config: `pipe.scheduler = output.scheduler`, then `pipe.save_pretrained(...)` keeps them.
         formula_distances (`dict[int, float]`):
@@ -80,7 +82,7 @@ class ScheduleFitOutput(BaseOutput):
             images (0 when the fit was not validated).
     """
 
-    scheduler: IPNDMScheduler | FittedFlowMatchEulerDiscreteScheduler
+    scheduler: IPNDMScheduler | FittedFlowMatchEulerDiscreteScheduler | FittedFlowMatchHeunDiscreteScheduler
     formula_distances: dict[int, float]
     fitted_distances: dict[int, float]
     validation_formula_distances: dict[int, float]
@@ -115,12 +117,11 @@ class ScheduleDistance:
     sampler makes on a candidate schedule and the images of a converged teacher, from the same noise and codes.
 
     The sampler is the pipeline's scheduler with the candidate as its only fitted schedule
-    ([`fitted_scheduler_class`]): EDM's [`IPNDMScheduler`] or rectified flow's Euler
-    ([`FittedFlowMatchEulerDiscreteScheduler`]). The teacher runs on `num_samples` noise draws and codes drawn from
-    the encoder's code weights (Gaussian conditions from their prior; none for an unconditional pipeline), as the
-    pipeline draws them: EDM's teacher is the variable-step iPNDM of the scheduler's config, rectified flow's is Heun
-    on RNE's uniform grid (second order; the formulation's `FlowMatchHeunDiscreteScheduler`), both at `teacher_steps`
-    model calls.
+    ([`fitted_scheduler_class`]): EDM's [`IPNDMScheduler`] or rectified flow's Euler or Heun. The teacher runs on
+    `num_samples` noise draws and codes drawn from the encoder's code weights (Gaussian conditions from their prior;
+    none for an unconditional pipeline), as the pipeline draws them: EDM's teacher is the variable-step iPNDM of the
+    scheduler's config, rectified flow's is Heun on RNE's uniform grid (second order; the formulation's
+    `FlowMatchHeunDiscreteScheduler`), both at `teacher_steps` model calls.
 
     Args:
         pipeline ([`QACPipeline`]): A trained pipeline whose scheduler [`fit_schedules`] can fit.
@@ -240,9 +241,15 @@ class ScheduleDistance:
 
 
 def _solver_state(scheduler) -> dict:
-    """What a scheduler carries from one model call to the next besides the sample: iPNDM's derivatives; Euler none."""
+    """
+    What a scheduler carries from one model call to the next besides the sample: iPNDM's derivatives, Heun's first
+    stage; Euler nothing.
+    """
     if isinstance(scheduler, IPNDMScheduler):
         return {"derivatives": list(scheduler.derivatives), "lower_order_nums": scheduler.lower_order_nums}
+    if isinstance(scheduler, FlowMatchHeunDiscreteScheduler):
+        sample = getattr(scheduler, "sample", None)  # set from the first step on
+        return {"prev_derivative": scheduler.prev_derivative, "dt": scheduler.dt, "sample": sample}
     return {}
 
 
@@ -258,7 +265,8 @@ def _restore_solver_state(scheduler, state: dict, step_index: int) -> None:
 def fitted_scheduler_class(scheduler) -> type:
     """
     The scheduler class that carries fitted schedules for a pipeline sampling with `scheduler`: [`IPNDMScheduler`]
-    (EDM) or [`FittedFlowMatchEulerDiscreteScheduler`] (rectified flow with diffusers' flow-matching Euler).
+    (EDM), [`FittedFlowMatchEulerDiscreteScheduler`] or [`FittedFlowMatchHeunDiscreteScheduler`] (rectified flow with
+    diffusers' flow-matching Euler or Heun).
 
     Raises:
         `ValueError`: For any other scheduler, naming the one to set.
@@ -267,11 +275,13 @@ def fitted_scheduler_class(scheduler) -> type:
         return IPNDMScheduler
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         return FittedFlowMatchEulerDiscreteScheduler
+    if isinstance(scheduler, FlowMatchHeunDiscreteScheduler):
+        return FittedFlowMatchHeunDiscreteScheduler
     raise ValueError(
-        f"Schedules are fitted for the IPNDMScheduler (EDM) and for FlowMatchEulerDiscreteScheduler (rectified flow), "
-        f"got {type(scheduler).__name__}: set `pipe.scheduler = solver_from_config('ipndm', pipe.scheduler.config)` "
-        "or, for a rectified-flow model, `pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config("
-        "pipe.scheduler.config)` first."
+        f"Schedules are fitted for the IPNDMScheduler (EDM) and for FlowMatchEuler/HeunDiscreteScheduler (rectified "
+        f"flow), got {type(scheduler).__name__}: set `pipe.scheduler = solver_from_config('ipndm', "
+        "pipe.scheduler.config)` or, for a rectified-flow model, `pipe.scheduler = pipe.formulation.solver('euler')` "
+        "first."
     )
 
 
@@ -400,8 +410,9 @@ def fit_schedules(
     """
     Fit the schedule of the pipeline's sampler to its trained model, for each NFE in `num_inference_steps` (see the
     module docstring for the method and why): the sigma schedule of EDM's [`IPNDMScheduler`], or the time grid of
-    rectified flow's Euler (a `FlowMatchEulerDiscreteScheduler`, returned as a
-    [`FittedFlowMatchEulerDiscreteScheduler`]).
+    rectified flow's Euler or Heun (diffusers' `FlowMatchEulerDiscreteScheduler` or `FlowMatchHeunDiscreteScheduler`,
+    returned as [`FittedFlowMatchEulerDiscreteScheduler`] or [`FittedFlowMatchHeunDiscreteScheduler`]; Heun at odd
+    NFE only).
 
     For each NFE, a coordinate descent starts from the formula schedule (Karras; for rectified flow the closest of
     RNE's uniform grid and its shifts, `FLOW_START_SHIFTS`) and moves one point at a time by a factor `exp(+-log_step)`
@@ -418,7 +429,7 @@ def fit_schedules(
 
     Args:
         pipeline ([`QACPipeline`]): A trained pipeline whose scheduler is an [`IPNDMScheduler`] (EDM) or a
-            `FlowMatchEulerDiscreteScheduler` (rectified flow).
+            `FlowMatchEulerDiscreteScheduler` or `FlowMatchHeunDiscreteScheduler` (rectified flow).
         num_inference_steps (`Sequence[int]`): The NFEs to fit; `set_timesteps` keeps the formula at any other.
         num_samples (`int`, defaults to 64): Noise draws the search measures its distances on.
         teacher_steps (`int`, defaults to 64): Model calls of the teacher (see [`ScheduleDistance`]); more than the

@@ -39,6 +39,7 @@ ROOT_MODULES = {
     "edm.py",
     "rectified_flow.py",
     "scheduling_flow_match_euler_fitted.py",
+    "scheduling_flow_match_heun_fitted.py",
     "solvers.py",
     "edm_loss.py",
     "qac_pipeline.py",

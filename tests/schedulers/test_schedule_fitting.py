@@ -12,7 +12,11 @@ from diffusers import DiffusionPipeline, FlowMatchHeunDiscreteScheduler
 from conftest import count_unet_calls, make_rf_pipeline, make_tiny_models, make_tiny_pipeline, seeded
 from qac_diffusers import IPNDMScheduler, QACPipeline
 from qac_diffusers.models.fingerprint import model_fingerprint
-from qac_diffusers.schedulers import FittedFlowMatchEulerDiscreteScheduler, solver_from_config
+from qac_diffusers.schedulers import (
+    FittedFlowMatchEulerDiscreteScheduler,
+    FittedFlowMatchHeunDiscreteScheduler,
+    solver_from_config,
+)
 from qac_diffusers.schedulers.schedule_fitting import (
     FLOW_START_SHIFTS,
     ScheduleDistance,
@@ -269,12 +273,10 @@ def test_fit_refuses_bad_input(kwargs, message):
         fit_schedules(make_tiny_pipeline(), **kwargs)
 
 
-@pytest.mark.parametrize("formulation", ["edm", "rectified_flow"])
-def test_fit_refuses_another_scheduler(formulation):
-    pipe = make_tiny_pipeline() if formulation == "edm" else make_rf_pipeline(FlowMatchHeunDiscreteScheduler())
-    if formulation == "edm":
-        pipe.scheduler = solver_from_config("dpmsolver2", pipe.scheduler.config)
-    with pytest.raises(ValueError, match=r"fitted for the IPNDMScheduler \(EDM\) and for FlowMatchEulerDiscreteSch"):
+def test_fit_refuses_another_scheduler():
+    pipe = make_tiny_pipeline()
+    pipe.scheduler = solver_from_config("dpmsolver2", pipe.scheduler.config)
+    with pytest.raises(ValueError, match=r"fitted for the IPNDMScheduler \(EDM\) and for FlowMatchEuler/Heun"):
         fit_schedules(pipe, [3])
 
 
@@ -449,11 +451,51 @@ def test_flow_pipeline_saves_and_loads_fitted_grids_also_with_plain_diffusers(fl
         QACPipeline(unet=other_unet, scheduler=output.scheduler, encoder=other_encoder, formulation="rectified_flow")
 
 
-def test_flow_solvers_euler_keeps_the_fitted_grids_heun_drops_them(flow_fitted):
+def test_flow_solvers_keep_only_their_own_fitted_grids(flow_fitted):
     _, output = flow_fitted
     formulation = make_rf_pipeline(output.scheduler).formulation
     euler, heun = formulation.solver("euler"), formulation.solver("heun")
     assert type(euler) is FittedFlowMatchEulerDiscreteScheduler
     assert euler.config.fitted_sigmas == output.scheduler.config.fitted_sigmas
-    assert type(heun) is FlowMatchHeunDiscreteScheduler
-    assert "fitted_sigmas" not in heun.config and "fitted_model_fingerprint" not in heun.config
+    # Euler's grids mean nothing to Heun (two calls a step): dropped, without diffusers' "not expected" warning
+    assert type(heun) is FittedFlowMatchHeunDiscreteScheduler
+    assert heun.config.fitted_sigmas is None and heun.config.fitted_model_fingerprint is None
+    heun_grids = FittedFlowMatchHeunDiscreteScheduler(fitted_sigmas=[[1.0, 0.4, 0.0]])
+    assert make_rf_pipeline(heun_grids).formulation.solver("heun").config.fitted_sigmas == [[1.0, 0.4, 0.0]]
+    assert make_rf_pipeline(heun_grids).formulation.solver("euler").config.fitted_sigmas is None
+
+
+def test_flow_heun_fit_runs_heun_on_fitted_grids_of_odd_nfe():
+    pipe = make_rf_pipeline(FlowMatchHeunDiscreteScheduler())
+    output = fit_schedules(pipe, [3, 5], **FLOW_FIT_SETTINGS, generator=seeded(0), validate=False, progress_bar=False)
+    scheduler = output.scheduler
+    assert type(scheduler) is FittedFlowMatchHeunDiscreteScheduler and scheduler.fitted_num_inference_steps == [3, 5]
+    for nfe in (3, 5):
+        assert output.fitted_distances[nfe] <= output.formula_distances[nfe]
+    three, five = scheduler.config.fitted_sigmas
+    assert len(three) == 3 and len(five) == 4  # (N + 1) / 2 steps and the final 0
+    # the pipeline runs Heun on the fitted grid: 3 calls at t0, t1 (second stage), t1 (the last, Euler step)
+    fitted = make_rf_pipeline(scheduler)
+    fitted.unet, fitted.encoder = pipe.unet, pipe.encoder
+    timesteps = count_unet_calls(fitted)
+    fitted(batch_size=2, num_inference_steps=3, generator=seeded(), output_type="pt")
+    assert [float(t) for t in timesteps] == pytest.approx([1000 * three[0], 1000 * three[1], 1000 * three[1]])
+    # the search's samples on a grid are the pipeline's, also when resuming a shared prefix
+    distance = ScheduleDistance(pipe, num_samples=6, teacher_steps=6, generator=seeded(3))
+    first, second = [1.0, 0.7, 0.3, 0.0], [1.0, 0.7, 0.2, 0.0]
+    calls = []
+    for grid in (first, second):
+        before = distance.num_model_calls
+        samples = distance.samples(FittedFlowMatchHeunDiscreteScheduler(fitted_sigmas=[grid]), 5)
+        calls.append(distance.num_model_calls - before)
+    assert calls == [5, 2]  # the second run reused the calls at t = 1, 0.7 and 0.7
+    generator = seeded(3)
+    latents = torch.randn((6, 1, 8, 8), generator=generator)
+    code_indices = pipe.encoder.sample_indices(6, generator)
+    pipeline = make_rf_pipeline(FittedFlowMatchHeunDiscreteScheduler(fitted_sigmas=[second]))
+    pipeline.unet, pipeline.encoder = pipe.unet, pipe.encoder
+    images = pipeline(batch_size=6, num_inference_steps=5, latents=latents, code_indices=code_indices,
+                      output_type="pt").images
+    assert torch.equal(samples, images * 2 - 1)
+    with pytest.raises(ValueError, match="Heun takes an odd number of model calls"):
+        fit_schedules(pipe, [4], **FLOW_FIT_SETTINGS, progress_bar=False)
