@@ -32,6 +32,7 @@ from qac_diffusers import QACPipeline  # noqa: E402
 from qac_diffusers.metrics import extract_features, frechet_distance, train_feature_classifier  # noqa: E402
 from qac_diffusers.schedulers import solver_from_config  # noqa: E402
 from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
+    DEFAULT_FIT_NFE,
     DEFAULT_LOG_STEPS,
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_TEACHER_STEPS,
@@ -61,15 +62,15 @@ def parse_args() -> argparse.Namespace:
     return argparse.Namespace(**{**training, **vars(parser.parse_args())})
 
 
-def fitted_scheduler(model_dir: Path, pipe: QACPipeline, seed: int):
+def fitted_scheduler(model_dir: Path, pipe: QACPipeline, seed: int, name: str = "fitted_scheduler", nfe=None):
     """
-    The model's fitted scheduler (iPNDM, or Euler for rectified flow): fitted once with the library defaults and kept
-    in model_dir/fitted_scheduler.
+    The pipeline's scheduler fitted to the model (iPNDM; Euler or Heun for rectified flow) at `nfe` (the library's
+    default NFE when `None`): fitted once with the library's defaults and kept in model_dir/`name`.
     """
-    folder = model_dir / "fitted_scheduler"
+    folder = model_dir / name
     if not (folder / "scheduler_config.json").is_file():
         started = time.perf_counter()
-        fit = fit_schedules(pipe, generator=torch.Generator().manual_seed(seed))
+        fit = fit_schedules(pipe, nfe or DEFAULT_FIT_NFE, generator=torch.Generator().manual_seed(seed))
         seconds = time.perf_counter() - started
         facts = {"seconds": seconds, "num_model_calls": fit.num_model_calls,
                  "num_validation_model_calls": fit.num_validation_model_calls, "images_denoised": images_denoised(fit),

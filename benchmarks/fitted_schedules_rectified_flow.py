@@ -1,10 +1,10 @@
-"""Fitted Euler time grids against RNE's uniform grid, for rectified-flow models on digits (README "Fitted schedules").
+"""Fitted Euler and Heun time grids against RNE's uniform grid, for rectified-flow models on digits (README).
 
 For the rectified-flow models of benchmarks/rectified_flow_tables.py ("rectified_flow": no condition; "qac": FSQ
 L = 2, d = 12; 3 seeds; trained if missing), fit the Euler grid with `fit_schedules` and the defaults train_qac.py
-uses (NFE 3..10), then measure the Frechet distance (FD) of 2000 samples to the held-out split, in the
-digits-classifier features, for: Euler on the fitted grids, Euler on RNE's uniform grid (what the pipeline uses
-without a fit) and Heun on RNE's grid (odd NFE). Also measured: the FD's own sampling noise (the fitted sampler
+uses (NFE 3..10), and the Heun grid at the odd NFE, then measure the Frechet distance (FD) of 2000 samples to the
+held-out split, in the digits-classifier features, for: Euler and Heun on the fitted grids and on RNE's uniform grid
+(what the pipeline uses without a fit). Also measured: the FD's own sampling noise (the fitted sampler
 resampled with another seed), whether the fitted FD rises from one NFE to the next by more than twice that noise, the
 seconds each fit took next to the model's training time, and how far the fit's teacher (Heun, 63 calls) is from the
 adaptive RK45 reference (RNE's), in the fit's own criterion.
@@ -12,7 +12,7 @@ adaptive RK45 reference (RNE's), in the fit's own criterion.
     python benchmarks/fitted_schedules_rectified_flow.py --seeds 0     # one process per seed, then all seeds
 
 Writes benchmarks/results/fitted_schedules_rectified_flow.{md,json,png}. Resumable: each fit is saved beside its
-model (fitted_scheduler/) and each FD in the model's benchmark_measurements.json.
+model (fitted_scheduler/, fitted_heun_scheduler/) and each FD in the model's benchmark_measurements.json.
 """
 
 import argparse
@@ -43,8 +43,10 @@ from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
 
 
 MODELS = ["rectified_flow", "qac"]
-FITTED = "euler_fitted"
-SOLVERS = ["euler", "heun", FITTED]
+FITTED, HEUN_FITTED = "euler_fitted", "heun_fitted"
+SOLVERS = ["euler", "heun", FITTED, HEUN_FITTED]
+# Where each model's fitted Heun scheduler is kept (the fitted Euler one: fitted_scheduler/).
+HEUN_FOLDER = "fitted_heun_scheduler"
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,10 +62,8 @@ def parse_args() -> argparse.Namespace:
     return argparse.Namespace(**{**training, **vars(parser.parse_args()), "models": MODELS, "resample_seeds": 1})
 
 
-def scheduler_for(solver: str, fitted, config):
-    """Euler on RNE's grid, Heun on RNE's grid, or Euler on the fitted grids."""
-    if solver == FITTED:
-        return fitted
+def scheduler_for(solver: str, config):
+    """Euler or Heun on RNE's grid."""
     return {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}[solver].from_config(
         {key: value for key, value in config.items() if not key.startswith("fitted_")}
     )
@@ -86,15 +86,19 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
     """FD[solver][nfe] of one model, its fitted FD resampled with another seed, its fit facts, its teacher's error."""
     pipe = QACPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
-    config = pipe.scheduler.config
-    fitted = fitted_schedules.fitted_scheduler(model_dir, pipe, seed)
-    samplers = {solver: (scheduler_for(solver, fitted, config), args.nfe) for solver in SOLVERS}
-    samplers["heun"] = (samplers["heun"][0], [nfe for nfe in args.nfe if nfe % 2])  # Heun takes an odd NFE
+    config, odd = pipe.scheduler.config, [nfe for nfe in args.nfe if nfe % 2]  # Heun takes an odd NFE
+    samplers = {"euler": (scheduler_for("euler", config), args.nfe), "heun": (scheduler_for("heun", config), odd)}
+    samplers[FITTED] = (fitted_schedules.fitted_scheduler(model_dir, pipe, seed), args.nfe)
+    pipe.scheduler = samplers["heun"][0]
+    samplers[HEUN_FITTED] = (fitted_schedules.fitted_scheduler(model_dir, pipe, seed, HEUN_FOLDER, odd), odd)
     results = fitted_schedules.measure_samplers(
         args, model_dir, pipe, seed, samplers, FITTED, classifier, heldout_features
     )
+    results["heun_fit"] = json.loads((model_dir / HEUN_FOLDER / "fit_facts.json").read_text())
+    results["heun_fitted_nfe"] = samplers[HEUN_FITTED][0].fitted_num_inference_steps
+    results["heun_fitted_sigmas"] = samplers[HEUN_FITTED][0].config.fitted_sigmas
     key = f"teacher error {args.teacher_check_samples} samples"
-    pipe.scheduler = scheduler_for("euler", fitted, config)
+    pipe.scheduler = samplers["euler"][0]
     results["teacher"] = few_step.cached(model_dir, key, teacher_error, pipe, args.teacher_check_samples, seed)
     return results
 
@@ -102,7 +106,8 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
 def markdown(args, results: dict, floor: float, accuracy: float) -> str:
     mean_std = few_step.mean_std
     lines = [
-        "# Fitted schedules for rectified flow on digits: Euler on grids fitted to each model vs RNE's uniform grid",
+        "# Fitted schedules for rectified flow on digits: Euler and Heun on grids fitted to each model vs RNE's "
+        "uniform grid",
         "",
         "Command: `PYTHONPATH=. python benchmarks/fitted_schedules_rectified_flow.py` (see the header of the script "
         "for what it measures).",
@@ -112,20 +117,23 @@ def markdown(args, results: dict, floor: float, accuracy: float) -> str:
         f"digits-classifier features (held-out accuracy {accuracy:.3f}), mean ± std over seeds; real training split "
         f"vs held-out: {floor:.2f}. Fits: `fit_schedules` with its defaults ({DEFAULT_SEARCH_SAMPLES} noise draws "
         f"in the search, {DEFAULT_VALIDATION_SAMPLES} in the validation, a Heun teacher of "
-        f"{DEFAULT_TEACHER_STEPS - 1} calls). Seeds on RNE's grid: where the fit's validation kept the uniform grid.",
+        f"{DEFAULT_TEACHER_STEPS - 1} calls; Heun fitted at the odd NFE). Seeds on RNE's grid: where the fit's "
+        "validation kept the uniform grid (Euler, Heun).",
         "",
     ]
     for model in MODELS:
         runs = results[model]
-        lines += [f"## {model}", "", "| NFE | " + " | ".join(SOLVERS) + " | fitted ≤ euler? | seeds on RNE's grid |",
-                  "|---" * (len(SOLVERS) + 3) + "|"]
+        lines += [f"## {model}", "", "| NFE | " + " | ".join(SOLVERS) + " | fitted ≤ RNE's grid? (Euler, Heun) | "
+                  "seeds on RNE's grid (Euler; Heun) |", "|---" * (len(SOLVERS) + 3) + "|"]
         for nfe in args.nfe:
             cells = {solver: [run["fd"][solver][nfe] for run in runs if nfe in run["fd"][solver]]
                      for solver in SOLVERS}
             row = [mean_std(cells[solver]) if cells[solver] else "" for solver in SOLVERS]
-            verdict = "yes" if np.mean(cells[FITTED]) <= np.mean(cells["euler"]) else "**no**"
-            on_formula = [str(seed) for seed, run in zip(args.seeds, runs) if nfe not in run["fitted_nfe"]]
-            lines.append(f"| {nfe} | " + " | ".join(row) + f" | {verdict} | {', '.join(on_formula)} |")
+            verdicts = [("yes" if np.mean(cells[fitted]) <= np.mean(cells[formula]) else "**no**")
+                        for fitted, formula in ((FITTED, "euler"), (HEUN_FITTED, "heun")) if cells[fitted]]
+            on_formula = [", ".join(str(seed) for seed, run in zip(args.seeds, runs) if nfe not in run[key])
+                          for key in ("fitted_nfe", "heun_fitted_nfe")[: len(verdicts)]]
+            lines.append(f"| {nfe} | " + " | ".join(row) + f" | {', '.join(verdicts)} | {'; '.join(on_formula)} |")
         noise = fitted_schedules.sampling_noise(runs, args.nfe, FITTED)
         lines += ["", f"Sampling noise of the fitted FD (pooled std over 2 sampling seeds): {noise:.2f}."]
         for seed, run in zip(args.seeds, runs):
@@ -144,10 +152,18 @@ def markdown(args, results: dict, floor: float, accuracy: float) -> str:
             lines.append(f"| {model}-seed{seed} | {check['teacher_vs_rk45']:.2e} | {check['euler10_vs_teacher']:.2e} "
                          f"| {check['rk45_calls']} |")
     lines += ["", *fitted_schedules.cost_table(args, results)]
+    heun_fits = {f"{model}-seed{seed}": run["heun_fit"]
+                 for model in MODELS for seed, run in zip(args.seeds, results[model])}
+    lines += ["", "Heun's fits (odd NFE): " + ", ".join(
+        f"{name} {fit['seconds']:.0f} s ({fit['num_model_calls']} + {fit['num_validation_model_calls']} calls)"
+        for name, fit in heun_fits.items()) + "."]
     lines += ["", "Fitted grids of seed 0 (t from 1 to 0):", ""]
     for model in MODELS:
-        for nfe, grid in zip(results[model][0]["fitted_nfe"], results[model][0]["fitted_sigmas"] or []):
-            lines.append(f"- {model} NFE {nfe}: " + ", ".join(f"{t:.3g}" for t in grid))
+        run = results[model][0]
+        for solver, nfes, key in (("Euler", run["fitted_nfe"], "fitted_sigmas"),
+                                  ("Heun", run["heun_fitted_nfe"], "heun_fitted_sigmas")):
+            for nfe, grid in zip(nfes, run[key] or []):
+                lines.append(f"- {model} {solver} NFE {nfe}: " + ", ".join(f"{t:.3g}" for t in grid))
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ..schedulers.fitted_schedules import without_fitted_schedules
+from ..schedulers.fitted_schedules import own_settings, without_fitted_schedules
 from ..schedulers.scheduling_flow_match_euler_fitted import FittedFlowMatchEulerDiscreteScheduler, euler_grid
 from ..schedulers.scheduling_flow_match_heun_fitted import FittedFlowMatchHeunDiscreteScheduler, heun_steps
 from .base import Formulation
@@ -192,9 +192,10 @@ class RectifiedFlowFormulation(Formulation):
                 f"Unknown rectified-flow solver {name!r}: choose one of {sorted(SOLVERS)}, or `sample_rk45` for the "
                 "adaptive reference."
             )
-        same_solver = isinstance(self.scheduler, DIFFUSERS_SOLVERS[name])
+        solver_class, same_solver = SOLVERS[name], isinstance(self.scheduler, DIFFUSERS_SOLVERS[name])
         config = self.scheduler.config if same_solver else without_fitted_schedules(self.scheduler.config)
-        return SOLVERS[name].from_config(config)
+        # only its own settings: diffusers warns that the others (Euler's for Heun) "are not expected"
+        return solver_class.from_config(own_settings(solver_class, config))
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """

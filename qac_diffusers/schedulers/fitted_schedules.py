@@ -15,6 +15,12 @@ def without_fitted_schedules(config) -> dict:
     return {key: value for key, value in config.items() if key not in FITTED_SCHEDULE_KEYS}
 
 
+def own_settings(scheduler_class: type, config) -> dict:
+    """The entries of `config` that `scheduler_class` takes (diffusers' `from_config` warns about the others)."""
+    keys = scheduler_class._get_init_keys(scheduler_class)
+    return {key: value for key, value in config.items() if key in keys}
+
+
 class FittedSchedulesMixin:
     """
     The part of a scheduler that holds schedules fitted to one trained model: `fitted_sigmas` in its config, at most

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from ..formulations import formulation_from_name
 from ..metrics.frechet import frechet_distance
 from ..models.fingerprint import model_fingerprint
+from .fitted_schedules import own_settings
 from .scheduling_flow_match_euler_fitted import FittedFlowMatchEulerDiscreteScheduler
 from .scheduling_flow_match_heun_fitted import FittedFlowMatchHeunDiscreteScheduler
 from .scheduling_ipndm import IPNDMScheduler
@@ -135,7 +136,7 @@ class ScheduleDistance:
         self.fitted_class = fitted_scheduler_class(pipeline.scheduler)
         # the noise, then the conditions (codes from the code weights, or Gaussian conditions), as the pipeline draws
         self.latents, self.code, _ = pipeline._noise_and_conditions(num_samples, generator, None, None)
-        self.config = {key: value for key, value in pipeline.scheduler.config.items() if not key.startswith("_")}
+        self.config = own_settings(self.fitted_class, pipeline.scheduler.config)
         self.num_model_calls = 0
         # the sampler's state before each model call of recent runs, by the schedule's points up to there
         self._states = OrderedDict()
