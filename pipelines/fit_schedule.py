@@ -1,6 +1,7 @@
 """Fit the sampling schedule of a trained QAC (or baseline) model to the model, for a set of NFE.
 
     python pipelines/fit_schedule.py --model PATH --nfe 3 4 5 6 7 8 9 10
+    python pipelines/fit_schedule.py --model RECTIFIED_FLOW_PATH --scheduler heun --nfe 3 5 7 9
 
 The search (qac_diffusers/schedulers/schedule_fitting.py) runs the model's own sampler (iPNDM for EDM, Euler for
 rectified flow) on candidate schedules and keeps the one whose images are closest, as a distribution, to those of a
@@ -37,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--teacher_steps", type=int, default=DEFAULT_TEACHER_STEPS,
                         help="Model calls of the converged teacher.")
+    parser.add_argument(
+        "--scheduler", help="Fit this solver of the model's formulation instead of the model's own scheduler, e.g. "
+        "heun for a rectified-flow model (odd NFE only); saved as the model's scheduler."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.output_dir is None and not Path(args.model).is_dir():
         raise SystemExit(f"{args.model!r} is not a local folder: pass --output_dir to save the fitted pipeline.")
     pipe = QACPipeline.from_pretrained(args.model).to(args.device)
+    if args.scheduler is not None:
+        pipe.scheduler = pipe.formulation.solver(args.scheduler)
     started = time.perf_counter()
     fit = fit_schedules(
         pipe, args.nfe, num_samples=args.num_samples, teacher_steps=args.teacher_steps,

@@ -324,6 +324,9 @@ def test_fit_schedule_script_saves_a_rectified_flow_model_with_its_new_scheduler
                               progress_bar=False)
     assert type(loaded.scheduler) is FittedFlowMatchEulerDiscreteScheduler  # model_index.json names the new class
     assert loaded.scheduler.config.fitted_sigmas == validated.scheduler.config.fitted_sigmas
+    load_script("fit_schedule").main(["--model", str(tmp_path / "model"), "--scheduler", "heun", "--nfe", "3",
+                                      "--num_samples", "6", "--teacher_steps", "6", "--validation_samples", "6"])
+    assert type(QACPipeline.from_pretrained(tmp_path / "model").scheduler) is FittedFlowMatchHeunDiscreteScheduler
 
 
 def test_fit_works_for_the_unconditional_baseline():
