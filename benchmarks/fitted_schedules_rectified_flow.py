@@ -133,7 +133,8 @@ def markdown(args, results: dict, floor: float, accuracy: float) -> str:
                         for fitted, formula in ((FITTED, "euler"), (HEUN_FITTED, "heun")) if cells[fitted]]
             on_formula = [", ".join(str(seed) for seed, run in zip(args.seeds, runs) if nfe not in run[key])
                           for key in ("fitted_nfe", "heun_fitted_nfe")[: len(verdicts)]]
-            lines.append(f"| {nfe} | " + " | ".join(row) + f" | {', '.join(verdicts)} | {'; '.join(on_formula)} |")
+            on_formula_text = "; ".join(on_formula) if any(on_formula) else ""
+            lines.append(f"| {nfe} | " + " | ".join(row) + f" | {', '.join(verdicts)} | {on_formula_text} |")
         noise = fitted_schedules.sampling_noise(runs, args.nfe, FITTED)
         lines += ["", f"Sampling noise of the fitted FD (pooled std over 2 sampling seeds): {noise:.2f}."]
         for seed, run in zip(args.seeds, runs):
