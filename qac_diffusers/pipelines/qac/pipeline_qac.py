@@ -69,9 +69,9 @@ class QACPipeline(DiffusionPipeline):
         scheduler ([`SchedulerMixin`]): A scheduler of the formulation. EDM: [`IPNDMScheduler`] (default), or
             diffusers' [`EDMEulerScheduler`] / [`EDMDPMSolverMultistepScheduler`]; an [`IPNDMScheduler`] with
             schedules fitted to another model (`fitted_model_fingerprint`) is refused. Rectified flow: diffusers'
-            [`FlowMatchEulerDiscreteScheduler`] or [`FlowMatchHeunDiscreteScheduler`], or
-            [`FittedFlowMatchEulerDiscreteScheduler`] (Euler on grids fitted to the model; refused with another
-            model's grids, as above).
+            [`FlowMatchEulerDiscreteScheduler`] or [`FlowMatchHeunDiscreteScheduler`], or their subclasses
+            [`FittedFlowMatchEulerDiscreteScheduler`] and [`FittedFlowMatchHeunDiscreteScheduler`] (on grids fitted to
+            the model; refused with another model's grids, as above).
         encoder ([`FSQConditionEncoder`] or [`GaussianConditionEncoder`], *optional*): Encodes images to conditions
             and gives the conditions of sampling. `None` for the unconditional baseline (a `unet` with
             `code_dim=0`).
