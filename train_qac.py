@@ -459,6 +459,7 @@ class Trainer:
             {"num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision},
         )
         self.global_step = 0
+        self.trained_steps = 0  # the steps this run trained (none when it resumed at the last step)
         self.saved_step = None  # the step of the newest checkpoint in output_dir, written or resumed from
         self.last_facts = None  # what `log` recorded at the last step
         self.metrics_file = self.output_dir / args.logging_dir / METRICS_NAME
@@ -586,6 +587,7 @@ class Trainer:
             else:
                 window_seconds += time.perf_counter() - started
             progress.update(1)
+            self.trained_steps += 1
             if self.global_step % args.checkpointing_steps == 0:
                 self.save_checkpoint()
             if self.global_step % args.validation_steps == 0:
@@ -715,9 +717,10 @@ class Trainer:
         pipeline.scheduler = fit.scheduler
         seconds = time.perf_counter() - started
         kept = pipeline.scheduler.fitted_num_inference_steps
-        print(f"Fitted the sampling schedules at NFE {sorted(fit.fitted_distances)} in {seconds:.1f} s "
-              f"({seconds / training_seconds:.1%} of this run's {training_seconds:.1f} s of training); kept at NFE "
-              f"{kept}, where they are closer to the teacher than the formula on fresh noise as well.")
+        share = (f"{seconds / training_seconds:.1%} of this run's {training_seconds:.1f} s of training"
+                 if self.trained_steps else "this run resumed at the last step and trained nothing")
+        print(f"Fitted the sampling schedules at NFE {sorted(fit.fitted_distances)} in {seconds:.1f} s ({share}); "
+              f"kept at NFE {kept}, where they are closer to the teacher than the formula on fresh noise as well.")
         return {"nfe": kept, "seconds": seconds, "training_seconds": training_seconds, "settings": settings,
                 "model_fingerprint": fingerprint,
                 "formula_distances": fit.formula_distances, "fitted_distances": fit.fitted_distances,

@@ -271,7 +271,7 @@ def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
-def test_fits_the_sampling_schedules_after_training(tmp_path, monkeypatch):
+def test_fits_the_sampling_schedules_after_training(tmp_path, monkeypatch, capsys):
     flags = ["--max_train_steps", "2", "--fit_schedule_nfe", "2", "1", "--fit_schedule_samples", "16",
              "--fit_schedule_validation_samples", "12"]
     train(tmp_path, *flags)
@@ -299,6 +299,11 @@ def test_fits_the_sampling_schedules_after_training(tmp_path, monkeypatch):
     with monkeypatch.context() as patch, pytest.raises(AssertionError, match="fitted again"):
         patch.setattr(train_qac, "fit_schedules", refuse)
         train(tmp_path, *flags[:-1], "13", "--resume_from_checkpoint", "latest")
+    # and say that this run trained nothing, instead of a share of its training time
+    capsys.readouterr()
+    train(tmp_path, *flags[:-1], "13", "--resume_from_checkpoint", "latest")
+    printed = capsys.readouterr().out
+    assert "this run resumed at the last step and trained nothing" in printed and "of training" not in printed
 
 
 def test_push_to_hub_then_load_the_repo(tmp_path, fake_hub):
