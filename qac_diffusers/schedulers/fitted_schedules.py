@@ -70,3 +70,26 @@ class FittedSchedulesMixin:
         num_calls = [self._num_calls(len(sigmas)) for sigmas in schedules]
         if len(set(num_calls)) != len(num_calls):
             raise ValueError(f"`fitted_sigmas` holds more than one schedule for one NFE (NFEs {num_calls}): {fix}.")
+
+
+class FittedTimeGridsMixin(FittedSchedulesMixin):
+    """
+    [`FittedSchedulesMixin`] for rectified flow's schedulers: every grid runs from t = 1 (noise) to t = 0, every point
+    but the last has a model call, and [`grid`] gives the points that `set_timesteps(sigmas=...)` takes. A scheduler
+    using it defines `_formula_sigmas(n)` (RNE's uniform grid for its solver).
+    """
+
+    def grid(self, num_inference_steps: int) -> list[float]:
+        """
+        The points before the final 0 for `num_inference_steps` model calls, for `set_timesteps(sigmas=...)`: the grid
+        fitted for that NFE, else RNE's uniform grid.
+        """
+        return self._schedule(num_inference_steps)[:-1].tolist()
+
+    def _schedule_ends(self) -> tuple[float, float]:
+        """Every grid runs from t = 1 (noise) to t = 0."""
+        return 1.0, 0.0
+
+    def _sigma_offset(self) -> int:
+        """Every point but the last has a model call."""
+        return 0

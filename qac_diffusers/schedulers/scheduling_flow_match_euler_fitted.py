@@ -12,7 +12,7 @@ from diffusers.configuration_utils import register_to_config
 # module (pipeline_loading_utils.load_sub_model): this import is for it.
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
-from .fitted_schedules import FittedSchedulesMixin
+from .fitted_schedules import FittedTimeGridsMixin
 
 
 def euler_grid(num_steps: int) -> np.ndarray:
@@ -24,7 +24,7 @@ def euler_grid(num_steps: int) -> np.ndarray:
     return np.linspace(1.0, 1.0 / num_steps, num_steps)
 
 
-class FittedFlowMatchEulerDiscreteScheduler(FittedSchedulesMixin, FlowMatchEulerDiscreteScheduler):
+class FittedFlowMatchEulerDiscreteScheduler(FittedTimeGridsMixin, FlowMatchEulerDiscreteScheduler):
     """
     diffusers' [`FlowMatchEulerDiscreteScheduler`] that also carries time grids fitted to one trained rectified-flow
     model (see [`fit_schedules`]): `RectifiedFlowFormulation` runs it on the grid fitted for the NFE asked for, and on
@@ -72,21 +72,6 @@ class FittedFlowMatchEulerDiscreteScheduler(FittedSchedulesMixin, FlowMatchEuler
         )
         self._check_fitted_sigmas(fitted_sigmas or [])
 
-    def grid(self, num_inference_steps: int) -> list[float]:
-        """
-        The points before the final 0 for `num_inference_steps` Euler steps, for `set_timesteps(sigmas=...)`: the grid
-        fitted for that NFE, else RNE's uniform grid.
-        """
-        return self._schedule(num_inference_steps)[:-1].tolist()
-
     def _formula_sigmas(self, num_inference_steps: int) -> torch.Tensor:
         """RNE's uniform grid of `num_inference_steps` steps with its final 0, float64."""
         return torch.from_numpy(np.append(euler_grid(num_inference_steps), 0.0))
-
-    def _schedule_ends(self) -> tuple[float, float]:
-        """Every grid runs from t = 1 (noise) to t = 0."""
-        return 1.0, 0.0
-
-    def _sigma_offset(self) -> int:
-        """Every point but the last has a model call."""
-        return 0

@@ -10,7 +10,7 @@ from diffusers.configuration_utils import register_to_config
 # module (pipeline_loading_utils.load_sub_model): this import is for it.
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
-from .fitted_schedules import FittedSchedulesMixin
+from .fitted_schedules import FittedTimeGridsMixin
 from .scheduling_flow_match_euler_fitted import euler_grid
 
 
@@ -27,7 +27,7 @@ def heun_steps(num_inference_steps: int) -> int:
     return (num_inference_steps + 1) // 2
 
 
-class FittedFlowMatchHeunDiscreteScheduler(FittedSchedulesMixin, FlowMatchHeunDiscreteScheduler):
+class FittedFlowMatchHeunDiscreteScheduler(FittedTimeGridsMixin, FlowMatchHeunDiscreteScheduler):
     """
     diffusers' [`FlowMatchHeunDiscreteScheduler`] that also takes a time grid (`set_timesteps(sigmas=...)`, which
     diffusers' lacks) and carries grids fitted to one trained rectified-flow model (see [`fit_schedules`]):
@@ -83,13 +83,6 @@ class FittedFlowMatchHeunDiscreteScheduler(FittedSchedulesMixin, FlowMatchHeunDi
         self._step_index = None
         self._begin_index = None
 
-    def grid(self, num_inference_steps: int) -> list[float]:
-        """
-        The points before the final 0 for `num_inference_steps` model calls, for `set_timesteps(sigmas=...)`: the grid
-        fitted for that NFE, else RNE's uniform grid of (N + 1) / 2 steps.
-        """
-        return self._schedule(num_inference_steps)[:-1].tolist()
-
     def _formula_sigmas(self, num_inference_steps: int) -> torch.Tensor:
         """RNE's uniform grid of (N + 1) / 2 steps with its final 0, float64."""
         return torch.from_numpy(np.append(euler_grid(heun_steps(num_inference_steps)), 0.0))
@@ -97,11 +90,3 @@ class FittedFlowMatchHeunDiscreteScheduler(FittedSchedulesMixin, FlowMatchHeunDi
     def _num_calls(self, num_points: int) -> int:
         """Two calls a step but the last: 2 (points - 1) - 1."""
         return 2 * (num_points - 1) - 1
-
-    def _schedule_ends(self) -> tuple[float, float]:
-        """Every grid runs from t = 1 (noise) to t = 0."""
-        return 1.0, 0.0
-
-    def _sigma_offset(self) -> int:
-        """Every point but the last has a model call."""
-        return 0
