@@ -29,7 +29,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import rectified_flow_tables  # noqa: E402
 import torch  # noqa: E402
-from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler  # noqa: E402
 
 from qac_diffusers import QACPipeline  # noqa: E402
 from qac_diffusers.metrics import frechet_distance  # noqa: E402
@@ -62,13 +61,6 @@ def parse_args() -> argparse.Namespace:
     return argparse.Namespace(**{**training, **vars(parser.parse_args()), "models": MODELS, "resample_seeds": 1})
 
 
-def scheduler_for(solver: str, config):
-    """Euler or Heun on RNE's grid."""
-    return {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}[solver].from_config(
-        {key: value for key, value in config.items() if not key.startswith("fitted_")}
-    )
-
-
 def teacher_error(pipe: QACPipeline, num_samples: int, seed: int) -> dict:
     """
     The fit's criterion (pixel FD) between its teacher (Heun, `DEFAULT_TEACHER_STEPS` calls) and the adaptive RK45
@@ -86,8 +78,9 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
     """FD[solver][nfe] of one model, its fitted FD resampled with another seed, its fit facts, its teacher's error."""
     pipe = QACPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
-    config, odd = pipe.scheduler.config, [nfe for nfe in args.nfe if nfe % 2]  # Heun takes an odd NFE
-    samplers = {"euler": (scheduler_for("euler", config), args.nfe), "heun": (scheduler_for("heun", config), odd)}
+    odd = [nfe for nfe in args.nfe if nfe % 2]  # Heun takes an odd NFE
+    # both on RNE's grid: the saved scheduler holds no fitted grids
+    samplers = {"euler": (pipe.formulation.solver("euler"), args.nfe), "heun": (pipe.formulation.solver("heun"), odd)}
     samplers[FITTED] = (fitted_schedules.fitted_scheduler(model_dir, pipe, seed), args.nfe)
     pipe.scheduler = samplers["heun"][0]
     samplers[HEUN_FITTED] = (fitted_schedules.fitted_scheduler(model_dir, pipe, seed, HEUN_FOLDER, odd), odd)
