@@ -140,13 +140,21 @@ class ScheduleDistance:
         self.num_model_calls = 0
         # the sampler's state before each model call of recent runs, by the schedule's points up to there
         self._states = OrderedDict()
+        # the distance of every schedule scored so far: a descent's last sweep re-scores schedules it has seen
+        self._distances = {}
         self.teacher = pixel_features(self._teacher_samples(teacher_steps))
 
-    def __call__(self, sigmas: list[float]) -> float:
-        """The distance of the sampler on the schedule `sigmas` (the pipeline's scheduler config)."""
-        scheduler = self._scheduler(fitted_sigmas=[sigmas])
-        samples = self.samples(scheduler, scheduler.fitted_num_inference_steps[0])
-        return frechet_distance(pixel_features(samples), self.teacher)
+    def __call__(self, sigmas: Sequence[float]) -> float:
+        """
+        The distance of the sampler on the schedule `sigmas` (the pipeline's scheduler config); a schedule scored
+        before is not run again.
+        """
+        key = tuple(sigmas)
+        if key not in self._distances:
+            scheduler = self._scheduler(fitted_sigmas=[list(sigmas)])
+            samples = self.samples(scheduler, scheduler.fitted_num_inference_steps[0])
+            self._distances[key] = frechet_distance(pixel_features(samples), self.teacher)
+        return self._distances[key]
 
     def num_calls(self, sigmas: Sequence[float]) -> int:
         """The model calls of the pipeline's sampler on the schedule `sigmas` (one fewer with the analytical step)."""

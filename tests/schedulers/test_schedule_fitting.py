@@ -122,6 +122,15 @@ def test_distance_runs_the_pipelines_sampler_also_when_resuming_a_shared_prefix(
         assert torch.equal(samples, images * 2 - 1)
 
 
+def test_distance_scores_a_schedule_once():
+    distance = ScheduleDistance(make_tiny_pipeline(), **FIT_SETTINGS, generator=seeded(3))
+    sigmas = [80.0, 20.0, 3.0, 0.5, 0.002]
+    first = distance(sigmas)
+    calls = distance.num_model_calls
+    assert distance(tuple(sigmas)) == first and distance.num_model_calls == calls
+    assert distance([80.0, 20.0, 3.0, 0.2, 0.002]) != first and distance.num_model_calls == calls + 1
+
+
 def test_fit_is_deterministic_and_never_worse_than_the_formula(fitted):
     pipe, output, calls = fitted
     again = fit_schedules(
