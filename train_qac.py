@@ -15,9 +15,11 @@ every step.
 """
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from copy import deepcopy
@@ -70,6 +72,9 @@ from qac_diffusers.utils import image_grid
 
 
 logger = get_logger(__name__, log_level="INFO")
+
+# Seconds a run of several processes gives the process group's teardown once everything is saved (see `end_training`).
+TEARDOWN_TIMEOUT_SECONDS = 60
 
 # Flags that name local files or folders: training_config.json and the model card show only their last component.
 PATH_ARGS = ("output_dir", "train_data_dir", "cache_dir", "model_config", "logging_dir", "resume_from_checkpoint")
@@ -776,6 +781,29 @@ class Trainer:
             print(f"Pushed to the Hub repo {repo_id}")
 
 
+def end_training(accelerator: Accelerator) -> None:
+    """
+    Stop the trackers and destroy the process group once every process has arrived here (the main one after saving).
+
+    A run of several processes then leaves at once through `os._exit(0)`, its output flushed: the teardown of a gloo
+    process group can hang a process whose work is done, in `destroy_process_group` (pytorch/pytorch#75097) or at
+    interpreter exit, and the launcher then waits for it forever (seen once in `.ci/run` after a two-process run had
+    written all its files). A teardown still running after `TEARDOWN_TIMEOUT_SECONDS` is ended by `faulthandler`,
+    which prints where each thread stood and exits with status 1.
+    """
+    # end_training destroys the process group: the other processes wait here until the main one has saved
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes == 1:
+        accelerator.end_training()
+        return
+    faulthandler.dump_traceback_later(TEARDOWN_TIMEOUT_SECONDS, exit=True)
+    accelerator.end_training()
+    faulthandler.cancel_dump_traceback_later()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_args(args)
@@ -860,10 +888,7 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.wait_for_everyone()
     dataset_name = args.dataset_name or args.train_data_dir or "digits"
     trainer.save_final(dataset_name, training_config, repo_id, training_seconds)
-    # end_training destroys the process group: the other processes wait here until the main one has saved, or the
-    # gloo teardown can hang the main process at exit
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_training(accelerator)
 
 
 if __name__ == "__main__":

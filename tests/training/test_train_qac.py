@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +270,54 @@ def test_two_processes_match_one_process_over_the_same_global_batches(tmp_path):
     assert one_weights["code_weights"].sum() > 0
     losses = [m["loss"] for m in metrics(tmp_path / "one")], [m["loss"] for m in metrics(tmp_path / "two")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+class TeardownRecorder:
+    """An accelerator of `num_processes` processes that records the end of a run."""
+
+    def __init__(self, num_processes: int):
+        self.num_processes, self.calls = num_processes, []
+
+    def wait_for_everyone(self):
+        self.calls.append("wait_for_everyone")
+
+    def end_training(self):
+        self.calls.append("end_training")
+
+
+class Exited(Exception):
+    pass
+
+
+def test_end_training_leaves_a_multi_process_run_at_once_after_the_teardown(monkeypatch):
+    def exit_now(status):
+        raise Exited(status)
+
+    monkeypatch.setattr(train_qac.os, "_exit", exit_now)
+    accelerator = TeardownRecorder(num_processes=2)
+    with pytest.raises(Exited) as exited:
+        train_qac.end_training(accelerator)
+    assert exited.value.args == (0,) and accelerator.calls == ["wait_for_everyone", "end_training"]
+    single = TeardownRecorder(num_processes=1)
+    train_qac.end_training(single)  # returns: one process exits the ordinary way
+    assert single.calls == ["wait_for_everyone", "end_training"]
+
+
+def test_end_training_ends_a_hanging_teardown_and_says_where_it_hung():
+    script = (
+        "import time, train_qac\n"
+        "class Hanging:\n"
+        "    num_processes = 2\n"
+        "    def wait_for_everyone(self): pass\n"
+        "    def end_training(self): time.sleep(60)\n"
+        "train_qac.TEARDOWN_TIMEOUT_SECONDS = 1\n"
+        "train_qac.end_training(Hanging())\n"
+    )
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 1 and time.perf_counter() - started < 50
+    assert "Timeout" in result.stderr and "in end_training" in result.stderr
 
 
 def test_fits_the_sampling_schedules_after_training(tmp_path, monkeypatch, capsys):
