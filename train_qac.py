@@ -45,6 +45,7 @@ from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_VALIDATION_SAMPLES,
     check_fit_nfe,
+    check_sample_counts,
     fit_schedules,
     fitted_scheduler_class,
 )
@@ -252,9 +253,8 @@ def check_args(args: argparse.Namespace) -> None:
                  "checkpointing_steps", "num_validation_images", "validation_nfe", "logging_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    for name in ("fit_schedule_samples", "fit_schedule_validation_samples"):
-        if getattr(args, name) < 2:
-            raise ValueError(f"--{name} must be >= 2 (a covariance needs two draws), got {getattr(args, name)}.")
+    check_sample_counts({f"--{name}": getattr(args, name)
+                         for name in ("fit_schedule_samples", "fit_schedule_validation_samples")})
     if args.fit_schedule_nfe:
         check_fit_nfe(args.fit_schedule_nfe)
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:

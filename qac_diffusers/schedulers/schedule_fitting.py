@@ -308,12 +308,17 @@ def check_fit_nfe(num_inference_steps: Sequence[int], teacher_steps: int = DEFAU
         )
 
 
+def check_sample_counts(sample_counts: dict[str, int]) -> None:
+    """Refuse noise-draw counts [`fit_schedules`] cannot use, by name: not an integer >= 2 (a covariance needs two)."""
+    for name, count in sample_counts.items():
+        if not isinstance(count, int) or isinstance(count, bool) or count < 2:
+            raise ValueError(f"`{name}` must be an integer >= 2 (a covariance needs two), got {count!r}.")
+
+
 def _check_fit_inputs(pipeline, num_inference_steps: Sequence[int], teacher_steps: int, sample_counts: dict) -> None:
     fitted_scheduler_class(pipeline.scheduler)
     check_fit_nfe(num_inference_steps, teacher_steps)
-    for name, count in sample_counts.items():
-        if not isinstance(count, int) or count < 2:
-            raise ValueError(f"`{name}` must be an integer >= 2 (a covariance needs two), got {count!r}.")
+    check_sample_counts(sample_counts)
 
 
 def coordinate_descent(distance, sigmas: list[float], log_steps: Sequence[float]) -> tuple[list[float], float]:
