@@ -6,7 +6,9 @@ of 2000 samples to the held-out split, in the digits-classifier features, for: i
 today's three solvers on the Karras schedule (fixed-weight iPNDM, variable-step iPNDM, DPM++2M). Also measured:
 the FD's own sampling noise (the fitted sampler resampled with other seeds), whether the fitted FD rises from one NFE
 to the next by more than that noise, the baseline with the Karras schedule at 5x the NFE (the moonshot), and the
-seconds each fit took next to the model's training time.
+seconds each fit took next to the model's training time. And the converged sampler: the fit's teacher (variable-step
+iPNDM at 64 calls) from the same noise, with its own distance to the same sampler at 4x the calls, which a fitted
+schedule approaches as it approaches the teacher.
 
     python benchmarks/fitted_schedules.py --work_dir benchmarks/work     # reuses few_step_quality.py's models
 
@@ -37,13 +39,17 @@ from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_TEACHER_STEPS,
     DEFAULT_VALIDATION_SAMPLES,
+    ScheduleDistance,
     fit_schedules,
     fitted_scheduler_class,
+    pixel_features,
 )
 
 
 KARRAS_SOLVERS = ["ipndm", "ipndm_variable", "dpmsolver2"]
 FITTED = "ipndm_fitted"
+TEACHER = "teacher"  # the fit's teacher, at DEFAULT_TEACHER_STEPS calls
+TEACHER_CHECK_DRAWS = 256  # noise draws of the teacher's convergence check
 
 
 def parse_args() -> argparse.Namespace:
@@ -97,9 +103,23 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
     pipe.set_progress_bar_config(disable=True)
     karras_config = pipe.scheduler.config
     samplers = {solver: (solver_from_config(solver, karras_config), args.nfe) for solver in KARRAS_SOLVERS}
+    samplers[TEACHER] = (solver_from_config("ipndm_variable", karras_config), [DEFAULT_TEACHER_STEPS])
+    karras = pipe.scheduler
     fitted = fitted_scheduler(model_dir, pipe, seed)
     samplers[FITTED] = (fitted, args.nfe)
-    return measure_samplers(args, model_dir, pipe, seed, samplers, FITTED, classifier, heldout_features)
+    results = measure_samplers(args, model_dir, pipe, seed, samplers, FITTED, classifier, heldout_features)
+    pipe.scheduler = karras
+    key = f"teacher pixel frechet_distance to {4 * DEFAULT_TEACHER_STEPS} calls {TEACHER_CHECK_DRAWS} draws"
+    results["teacher_error"] = few_step.cached(model_dir, key, teacher_error, pipe)
+    return results
+
+
+def teacher_error(pipe: QACPipeline) -> float:
+    """The pixel FD between the fit's teacher and the same sampler at 4x its calls, from the same noise and codes."""
+    distance = ScheduleDistance(pipe, TEACHER_CHECK_DRAWS, DEFAULT_TEACHER_STEPS, torch.Generator().manual_seed(77))
+    reference = solver_from_config("ipndm_variable", pipe.scheduler.config)
+    samples = distance.samples(reference, 4 * DEFAULT_TEACHER_STEPS, reuse_states=False)
+    return frechet_distance(pixel_features(samples), distance.teacher)
 
 
 def measure_samplers(
@@ -203,7 +223,7 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
             text = ", ".join(f"NFE {low}->{low + 1}: +{rise:.2f}" for low, rise in found) or "none"
             beyond = [rise for _, rise in found if rise > 2 * noise]
             lines.append(f"- seed {seed}: FD rises with NFE: {text}; beyond 2x the noise: {len(beyond)}.")
-        lines.append("")
+        lines += ["", *converged_lines(args, runs), ""]
     lines += ["## Moonshot: QAC fitted at NFE N vs the baseline (fixed iPNDM, Karras) at "
               f"{args.moonshot_factor}N", "", "| N | QAC fitted | baseline Karras at 5N |", "|---|---|---|"]
     for nfe in args.moonshot_nfe:
@@ -215,6 +235,22 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
         for nfe, sigmas in zip(results[model][0]["fitted_nfe"], results[model][0]["fitted_sigmas"] or []):
             lines.append(f"- {model} NFE {nfe}: " + ", ".join(f"{sigma:.3g}" for sigma in sigmas))
     return "\n".join(lines) + "\n"
+
+
+def converged_lines(args, runs: list[dict]) -> list[str]:
+    """The converged sampler's FD, and the NFE where the best Karras solver and the fitted one are below it."""
+    teacher = [run["fd"][TEACHER][DEFAULT_TEACHER_STEPS] for run in runs]
+
+    def below(solvers: list[str]) -> str:
+        nfes = [nfe for nfe in args.nfe
+                if min(np.mean([run["fd"][solver][nfe] for run in runs]) for solver in solvers) < np.mean(teacher)]
+        return ", ".join(map(str, nfes)) or "none"
+
+    return [f"Converged sampler (the fit's teacher: variable-step iPNDM on Karras at {DEFAULT_TEACHER_STEPS} calls, "
+            f"same noise and codes; its pixel FD to the same sampler at {4 * DEFAULT_TEACHER_STEPS} calls, on "
+            f"{TEACHER_CHECK_DRAWS} draws: at most {max(run['teacher_error'] for run in runs):.1g}): FD "
+            f"{few_step.mean_std(teacher)}. Below it in the mean: the best Karras solver at NFE "
+            f"{below(KARRAS_SOLVERS)}; the fitted one at NFE {below([FITTED])}."]
 
 
 def digits_classifier(train_split, heldout_split) -> tuple:
