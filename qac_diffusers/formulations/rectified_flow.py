@@ -14,7 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ..schedulers.fitted_schedules import own_settings, without_fitted_schedules
+from ..schedulers.fitted_schedules import FittedTimeGridsMixin, own_settings, without_fitted_schedules
 from ..schedulers.scheduling_flow_match_euler_fitted import FittedFlowMatchEulerDiscreteScheduler, euler_grid
 from ..schedulers.scheduling_flow_match_heun_fitted import FittedFlowMatchHeunDiscreteScheduler, heun_steps
 from .base import Formulation
@@ -205,7 +205,7 @@ class RectifiedFlowFormulation(Formulation):
         """
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        if hasattr(type(self.scheduler), "grid"):  # the schedulers of SOLVERS: the fitted grid, or RNE's
+        if isinstance(self.scheduler, FittedTimeGridsMixin):  # the schedulers of SOLVERS: the fitted grid, or RNE's
             self.scheduler.set_timesteps(sigmas=self.scheduler.grid(num_inference_steps), device=device)
         elif isinstance(self.scheduler, FlowMatchHeunDiscreteScheduler):
             self._set_heun_timesteps(heun_steps(num_inference_steps), device)
