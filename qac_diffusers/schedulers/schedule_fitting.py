@@ -15,8 +15,11 @@ classifier features rose 3x at NFE 3). So the search here runs the real sampler,
 first step, on every candidate schedule, and scores the *distribution* of its samples: the Frechet distance between
 the samples and the teacher's samples from the same noise and codes, in (pooled) pixel space, which a blurred set of
 samples pays for through its covariance. The search is a coordinate descent on log sigma that starts from the
-formula (Karras) schedule and accepts only improvements, so a fitted schedule never scores worse than the formula; a
-second descent starts from the schedule fitted for one NFE less with one point inserted, when that is closer.
+closest of the formula schedule and a few variants of it (Karras at other rho; rectified flow's shifted grids) and
+accepts only improvements, so a fitted schedule never scores worse than the formula; a second descent starts from the
+schedule fitted for one NFE less with one point inserted, when that is closer. The cheap search ("select") stops at
+the closest start: the fixed-weight iPNDM's bad NFE move with rho, so one of the variants is nearly always far closer
+to the teacher than Karras at rho 7 where that one has a hole.
 A search that accepts every improvement on one set of noise draws also fits that set's chance: each fitted schedule is
 therefore scored again, with the formula's, on fresh noise and codes, and kept only where it is still closer to the
 teacher there ([`validate_schedules`]); elsewhere the scheduler keeps the formula.
@@ -49,10 +52,15 @@ DEFAULT_TEACHER_STEPS = 64
 DEFAULT_SEARCH_SAMPLES = 64
 DEFAULT_VALIDATION_SAMPLES = 256
 DEFAULT_LOG_STEPS = (0.5, 0.2)
-# Rectified flow's uniform grid, unlike Karras' rho = 7 for EDM, is not tuned to few steps: its search also starts from
-# the grid with diffusers' time shift t -> s t / (1 + (s - 1) t) (SD3's schedules), i.e. every sigma = t / (1 - t)
-# times s, for these s, and descends from the closest of these starts.
+# The search's starts besides the formula (README "Fitted schedules"): EDM's Karras schedule at these other rho (the
+# fixed-weight iPNDM has bad NFE that move with rho), rectified flow's uniform grid with diffusers' time shift
+# t -> s t / (1 + (s - 1) t) (SD3's schedules), i.e. every sigma = t / (1 - t) times s, for these s (the uniform grid,
+# unlike Karras' rho = 7, is not tuned to few steps). The descent starts from the closest of these; "select" keeps it.
+EDM_START_RHOS = (4.0, 5.0, 10.0, 14.0, 20.0)
 FLOW_START_SHIFTS = (0.25, 0.5, 2.0)
+# "descent": a coordinate descent from the closest start (the full search); "select": the closest start itself, a
+# fit of a few model calls per start and NFE (train_qac.py's default).
+SEARCHES = ("descent", "select")
 # Sampler states kept for runs that share their first points (each: the sample, up to 4 derivatives, a model output).
 MAX_KEPT_STATES = 32
 # Pixel features are average-pooled to at most this many dimensions, so that a covariance stays cheap to compare.
@@ -184,10 +192,14 @@ class ScheduleDistance:
         return self(self.from_search(sigmas))
 
     def search_starts(self, num_inference_steps: int) -> list[list[float]]:
-        """The starts of the search, in its coordinates: the formula first, then rectified flow's shifted grids."""
+        """
+        The starts of the search, in its coordinates: the formula first, then EDM's Karras schedules at the other
+        `EDM_START_RHOS` or rectified flow's grids shifted by `FLOW_START_SHIFTS`.
+        """
         formula = self.to_search(self.formula_sigmas(num_inference_steps))
         if self.fitted_class is IPNDMScheduler:
-            return [formula]
+            return [formula] + [self._scheduler(rho=rho)._formula_sigmas(num_inference_steps).tolist()
+                                for rho in EDM_START_RHOS if rho != self.config["rho"]]
         return [formula] + [[formula[0], *(sigma * shift for sigma in formula[1:-1]), formula[-1]]
                             for shift in FLOW_START_SHIFTS]
 
@@ -315,10 +327,19 @@ def check_sample_counts(sample_counts: dict[str, int]) -> None:
             raise ValueError(f"`{name}` must be an integer >= 2 (a covariance needs two), got {count!r}.")
 
 
-def _check_fit_inputs(pipeline, num_inference_steps: Sequence[int], teacher_steps: int, sample_counts: dict) -> None:
+def check_search(search: str) -> None:
+    """Refuse a search [`fit_schedules`] does not know (one of `SEARCHES`)."""
+    if search not in SEARCHES:
+        raise ValueError(f"The search must be one of {', '.join(map(repr, SEARCHES))}, got {search!r}.")
+
+
+def _check_fit_inputs(
+    pipeline, num_inference_steps: Sequence[int], teacher_steps: int, sample_counts: dict, search: str
+) -> None:
     fitted_scheduler_class(pipeline.scheduler)
     check_fit_nfe(num_inference_steps, teacher_steps)
     check_sample_counts(sample_counts)
+    check_search(search)
 
 
 def coordinate_descent(distance, sigmas: list[float], log_steps: Sequence[float]) -> tuple[list[float], float]:
@@ -357,14 +378,19 @@ def _insertions(sigmas: list[float]) -> list[list[float]]:
     ]
 
 
+def _closest(distance, starts: list[list[float]]) -> tuple[list[float], float]:
+    """The closest of `starts` to the teacher and its distance; the first (the formula) wins ties."""
+    start = min(starts, key=distance)
+    return start, distance(start)
+
+
 def _fit_one(distance, starts: list[list[float]], below: list[float] | None, log_steps: Sequence[float]):
     """
     The schedule fitted for one NFE: the descent from the closest of `starts` (the formula schedule first, which wins
     ties), and, when a schedule was fitted for one model call less (`below`), also the descent from the best of its
     one-point insertions if that one starts closer to the teacher than the first descent ended; the closer of the two.
     """
-    start = starts[0] if len(starts) == 1 else min(starts, key=distance)
-    fitted = coordinate_descent(distance, start, log_steps)
+    fitted = coordinate_descent(distance, _closest(distance, starts)[0], log_steps)
     insertions = [(distance(sigmas), sigmas) for sigmas in _insertions(below)] if below is not None else []
     if insertions:  # none where `below` has no gap between two finite, positive points
         start_distance, start = min(insertions, key=lambda pair: pair[0])
@@ -416,6 +442,7 @@ def fit_schedules(
     num_samples: int = DEFAULT_SEARCH_SAMPLES,
     teacher_steps: int = DEFAULT_TEACHER_STEPS,
     generator: torch.Generator | None = None,
+    search: str = "descent",
     log_steps: Sequence[float] = DEFAULT_LOG_STEPS,
     validate: bool = True,
     num_validation_samples: int = DEFAULT_VALIDATION_SAMPLES,
@@ -428,8 +455,9 @@ def fit_schedules(
     returned as [`FittedFlowMatchEulerDiscreteScheduler`] or [`FittedFlowMatchHeunDiscreteScheduler`]; Heun at odd
     NFE only).
 
-    For each NFE, a coordinate descent starts from the formula schedule (Karras; for rectified flow the closest of
-    RNE's uniform grid and its shifts, `FLOW_START_SHIFTS`) and moves one point at a time by a factor `exp(+-log_step)`
+    For each NFE, a coordinate descent starts from the closest of the formula schedule and its variants (Karras at
+    rho 7 and at `EDM_START_RHOS`; for rectified flow RNE's uniform grid and its shifts, `FLOW_START_SHIFTS`; see
+    [`ScheduleDistance.search_starts`]) and moves one point at a time by a factor `exp(+-log_step)`
     in sigma (in t / (1 - t), EDM's sigma, for rectified flow), keeping a move when [`ScheduleDistance`] (the Frechet
     distance between the sampler's images and a converged teacher's) drops. When the NFE one below is fitted in the
     same call, the best of its schedules with one point inserted (the geometric mean of two neighbours) is a second
@@ -438,8 +466,10 @@ def fit_schedules(
     next to sigma_min changes nothing, and the descent from there stayed put on our digits baseline at NFE 5 and 6).
     Then, with `validate`, [`validate_schedules`] scores every fitted schedule and the formula again on
     `num_validation_samples` fresh draws of `generator`, and the scheduler keeps only the fitted schedules that are
-    closer there: a schedule that won on the search's draws by their chance alone goes back to the formula. Everything
-    is deterministic given `generator`.
+    closer there: a schedule that won on the search's draws by their chance alone goes back to the formula. With
+    `search="select"` there is no descent: the fitted schedule is the closest start, chosen with a few model calls per
+    start (`train_qac.py`'s default, a small fraction of a training; README "Fitted schedules" compares the two).
+    Everything is deterministic given `generator`.
 
     Args:
         pipeline ([`QACPipeline`]): A trained pipeline whose scheduler is an [`IPNDMScheduler`] (EDM) or a
@@ -449,7 +479,9 @@ def fit_schedules(
         teacher_steps (`int`, defaults to 64): Model calls of the teacher (see [`ScheduleDistance`]); more than the
             largest NFE.
         generator (`torch.Generator`, *optional*): The random source of the noise and the codes.
-        log_steps (`Sequence[float]`, defaults to `(0.5, 0.2)`): The step sizes of the search in log sigma (of t / (1
+        search (`str`, defaults to `"descent"`): `"descent"` (the coordinate descent) or `"select"` (the closest start
+            only).
+        log_steps (`Sequence[float]`, defaults to `(0.5, 0.2)`): The step sizes of the descent in log sigma (of t / (1
             - t) for rectified flow), largest first.
         validate (`bool`, defaults to `True`): Keep only the fitted schedules that are closer than the formula on
             fresh noise draws too.
@@ -461,7 +493,7 @@ def fit_schedules(
     """
     _check_fit_inputs(
         pipeline, num_inference_steps, teacher_steps,
-        {"num_samples": num_samples, "num_validation_samples": num_validation_samples},
+        {"num_samples": num_samples, "num_validation_samples": num_validation_samples}, search,
     )
     distance = ScheduleDistance(pipeline, num_samples, teacher_steps, generator)
     searched, formula_distances, fitted_distances = [], {}, {}
@@ -469,8 +501,11 @@ def fit_schedules(
     for nfe in bar:
         starts = distance.search_starts(nfe)
         formula_distances[nfe] = distance.search_distance(starts[0])
-        below = searched[-1] if nfe - 1 in fitted_distances else None
-        sigmas, fitted_distances[nfe] = _fit_one(distance.search_distance, starts, below, log_steps)
+        if search == "select":
+            sigmas, fitted_distances[nfe] = _closest(distance.search_distance, starts)
+        else:
+            below = searched[-1] if nfe - 1 in fitted_distances else None
+            sigmas, fitted_distances[nfe] = _fit_one(distance.search_distance, starts, below, log_steps)
         searched.append(sigmas)
         bar.set_postfix(nfe=nfe, formula=f"{formula_distances[nfe]:.3g}", fitted=f"{fitted_distances[nfe]:.3g}")
     fitted = [distance.from_search(sigmas) for sigmas in searched]

@@ -18,6 +18,8 @@ from qac_diffusers.schedulers import (
     solver_from_config,
 )
 from qac_diffusers.schedulers.schedule_fitting import (
+    DEFAULT_LOG_STEPS,
+    EDM_START_RHOS,
     FLOW_START_SHIFTS,
     ScheduleDistance,
     _fit_one,
@@ -27,6 +29,7 @@ from qac_diffusers.schedulers.schedule_fitting import (
     pixel_features,
     validate_schedules,
 )
+from qac_diffusers.schedulers.scheduling_ipndm import karras_sigmas
 
 
 FIT_NFES = [1, 2]
@@ -150,7 +153,8 @@ def test_fitted_schedule_is_locally_optimal(fitted):
     for nfe, sigmas in zip(FIT_NFES, output.scheduler.config.fitted_sigmas):
         assert len(sigmas) == nfe + 2  # with the analytical first step
         assert distance(sigmas) == pytest.approx(output.fitted_distances[nfe])
-        for index, factor in itertools.product(range(1, nfe + 1), (math.exp(0.125), math.exp(-0.125))):
+        smallest = DEFAULT_LOG_STEPS[-1]
+        for index, factor in itertools.product(range(1, nfe + 1), (math.exp(smallest), math.exp(-smallest))):
             neighbour = list(sigmas)
             neighbour[index] *= factor
             if neighbour[index - 1] > neighbour[index] > neighbour[index + 1]:
@@ -275,6 +279,7 @@ def test_scheduler_refuses_bad_fitted_schedules(fitted_sigmas, message):
         ({"num_inference_steps": [5], "teacher_steps": 5}, "must exceed the largest NFE fitted"),
         ({"num_inference_steps": [3], "num_samples": 1}, "`num_samples` must be an integer >= 2"),
         ({"num_inference_steps": [3], "num_validation_samples": 1.5}, "`num_validation_samples` must be an integer"),
+        ({"num_inference_steps": [3], "search": "grid"}, "must be one of 'descent', 'select', got 'grid'"),
     ],
 )
 def test_fit_refuses_bad_input(kwargs, message):
@@ -321,6 +326,13 @@ def test_fit_schedule_script_writes_the_model_folders_scheduler(fitted, tmp_path
 
     with pytest.raises(SystemExit, match="pass --output_dir"):
         script.main(["--model", "user/not-a-folder"])
+    script.main(["--model", str(tmp_path / "model"), "--nfe", "2", "--num_samples", "6", "--teacher_steps", "3",
+                 "--validation_samples", "6", "--device", "cpu", "--search", "select", "--output_dir",
+                 str(tmp_path / "selected")])
+    selected = fit_schedules(pipe, [2], **FIT_KWARGS, generator=seeded(0), search="select", progress_bar=False)
+    assert QACPipeline.from_pretrained(tmp_path / "selected").scheduler.config.fitted_sigmas == (
+        selected.scheduler.config.fitted_sigmas
+    )
 
 
 def test_fit_schedule_script_saves_a_rectified_flow_model_with_its_new_scheduler(flow_fitted, tmp_path):
@@ -387,8 +399,32 @@ def test_flow_search_moves_edm_sigmas_and_starts_from_shifted_grids():
     assert [distance.from_search(start)[1] for start in shifted] == pytest.approx(
         [shift * 0.5 / (1 + (shift - 1) * 0.5) for shift in FLOW_START_SHIFTS]
     )
-    edm = ScheduleDistance(make_tiny_pipeline(), num_samples=6, teacher_steps=3, generator=seeded(0))
-    assert edm.search_starts(2) == [edm.formula_sigmas(2)] and edm.to_search([80.0, 1.0]) == [80.0, 1.0]
+
+
+def test_edm_search_starts_from_karras_schedules_of_several_rho():
+    distance = ScheduleDistance(make_tiny_pipeline(), num_samples=6, teacher_steps=3, generator=seeded(0))
+    assert distance.to_search([80.0, 1.0]) == [80.0, 1.0]
+    formula, *others = distance.search_starts(2)
+    assert formula == distance.formula_sigmas(2) == pytest.approx([80.0, 9.7232, 0.47, 0.002], abs=1e-4)
+    assert len(others) == len(EDM_START_RHOS)  # the pipeline's rho, 7, is the formula
+    for rho, start in zip(EDM_START_RHOS, others):
+        assert start == pytest.approx(karras_sigmas(4, 0.002, 80.0, rho).tolist())
+
+
+def test_select_search_keeps_the_closest_start_without_a_descent():
+    pipe = make_tiny_pipeline()
+    distance = ScheduleDistance(pipe, **FIT_SETTINGS, generator=seeded(0))
+    starts = {nfe: distance.search_starts(nfe) for nfe in FIT_NFES}
+    output = fit_schedules(
+        pipe, FIT_NFES, **FIT_SETTINGS, generator=seeded(0), search="select", validate=False, progress_bar=False
+    )
+    for nfe, sigmas in zip(FIT_NFES, output.scheduler.config.fitted_sigmas):
+        scores = [distance(start) for start in starts[nfe]]
+        assert sigmas == starts[nfe][scores.index(min(scores))]
+        assert output.fitted_distances[nfe] == pytest.approx(min(scores))
+        assert output.fitted_distances[nfe] <= output.formula_distances[nfe]
+    # the teacher's 3 calls, then each start's NFE calls (no two starts share a first point)
+    assert output.num_model_calls == distance.num_model_calls == 3 + sum(nfe * len(starts[nfe]) for nfe in FIT_NFES)
 
 
 def test_flow_distance_runs_the_pipelines_euler_and_a_heun_teacher():
