@@ -44,6 +44,7 @@ from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_FIT_NFE,
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_VALIDATION_SAMPLES,
+    SEARCHES,
     check_fit_nfe,
     check_sample_counts,
     fit_schedules,
@@ -186,6 +187,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fit_schedule_nfe", type=int, nargs="*", default=list(DEFAULT_FIT_NFE),
         help="After training, fit the sampling schedule to the model at these NFE (pipelines/fit_schedule.py); "
         "pass the flag without values to keep the formula schedule (EDM: Karras; rectified flow: RNE's uniform grid).",
+    )
+    logs.add_argument(
+        "--fit_schedule_search", choices=SEARCHES, default="select",
+        help="select: the closest of a few formula schedules (Karras at several rho; for rectified flow the uniform "
+        "grid and its shifts), a small fraction of a training; descent: a coordinate descent from there, closer to "
+        "the teacher and several times the cost (README, Fitted schedules).",
     )
     logs.add_argument(
         "--fit_schedule_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,
@@ -704,7 +711,8 @@ class Trainer:
         """
         if not self.args.fit_schedule_nfe:
             return None
-        settings = {"nfe": sorted(self.args.fit_schedule_nfe), "samples": self.args.fit_schedule_samples,
+        settings = {"nfe": sorted(self.args.fit_schedule_nfe), "search": self.args.fit_schedule_search,
+                    "samples": self.args.fit_schedule_samples,
                     "validation_samples": self.args.fit_schedule_validation_samples, "seed": self.args.seed}
         fingerprint = model_fingerprint(pipeline.unet, pipeline.encoder)
         previous = self.previous_schedule_fit()
@@ -717,7 +725,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.args.seed)
         fit = fit_schedules(
             pipeline, self.args.fit_schedule_nfe, num_samples=self.args.fit_schedule_samples, generator=generator,
-            num_validation_samples=self.args.fit_schedule_validation_samples,
+            search=self.args.fit_schedule_search, num_validation_samples=self.args.fit_schedule_validation_samples,
         )
         pipeline.scheduler = fit.scheduler
         seconds = time.perf_counter() - started

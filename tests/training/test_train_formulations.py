@@ -52,6 +52,7 @@ def reload_and_sample(folder: Path) -> QACPipeline:
         (["--noise_encoder", "shared", "--no_condition"], "use --noise_encoder own"),
         (["--condition", "gaussian", "--code_levels", "3"], "drop them with --condition gaussian"),
         (["--formulation", "flow"], "invalid choice"),
+        (["--fit_schedule_search", "grid"], "--fit_schedule_search: invalid choice: 'grid'"),
     ],
 )
 def test_bad_combinations_fail_before_training(tmp_path, flags, message, capsys):

@@ -323,8 +323,13 @@ def test_end_training_ends_a_hanging_teardown_and_says_where_it_hung():
 def test_fits_the_sampling_schedules_after_training(tmp_path, monkeypatch, capsys):
     flags = ["--max_train_steps", "2", "--fit_schedule_nfe", "2", "1", "--fit_schedule_samples", "16",
              "--fit_schedule_validation_samples", "12"]
-    train(tmp_path, *flags)
+    searches, fit_schedules = [], train_qac.fit_schedules
+    with monkeypatch.context() as patch:  # train_qac.py's default search: the closest start, no descent
+        patch.setattr(train_qac, "fit_schedules", lambda *args, **kwargs: searches.append(kwargs["search"])
+                      or fit_schedules(*args, **kwargs))
+        train(tmp_path, *flags)
     fit = json.loads((tmp_path / "training_summary.json").read_text())["schedule_fit"]
+    assert searches == ["select"] and fit["settings"]["search"] == "select"
     assert 0 < fit["seconds"] and 0 < fit["training_seconds"]
     assert all(fit["fitted_distances"][nfe] <= fit["formula_distances"][nfe] for nfe in ("1", "2"))
     kept = [nfe for nfe in (1, 2)
@@ -345,9 +350,10 @@ def test_fits_the_sampling_schedules_after_training(tmp_path, monkeypatch, capsy
     assert json.loads((tmp_path / "training_summary.json").read_text())["schedule_fit"] == fit
     assert QACPipeline.from_pretrained(tmp_path).scheduler.config.fitted_sigmas == pipe.scheduler.config.fitted_sigmas
     # other fit settings fit again
-    with monkeypatch.context() as patch, pytest.raises(AssertionError, match="fitted again"):
-        patch.setattr(train_qac, "fit_schedules", refuse)
-        train(tmp_path, *flags[:-1], "13", "--resume_from_checkpoint", "latest")
+    for other in (["--fit_schedule_search", "descent"], [*flags[-2:-1], "13"]):
+        with monkeypatch.context() as patch, pytest.raises(AssertionError, match="fitted again"):
+            patch.setattr(train_qac, "fit_schedules", refuse)
+            train(tmp_path, *flags, *other, "--resume_from_checkpoint", "latest")
     # and say that this run trained nothing, instead of a share of its training time
     capsys.readouterr()
     train(tmp_path, *flags[:-1], "13", "--resume_from_checkpoint", "latest")
