@@ -5,9 +5,10 @@
 The flows of benchmarks/solvers_exact_denoiser.py: the 1,797 digits smoothed with a Gaussian of bandwidth tau, with
 their closed-form EDM denoiser, unconditional and class-conditional. For each flow and NFE, the iPNDM schedule (with
 the analytical first step, fixed weights: the library's default sampler) is fitted with the library's own search and
-criterion (`coordinate_descent` of the pixel Frechet distance to converged samples, with `fit_schedules`' default
-steps and noise draws, 64), kept only where it is closer than Karras on 256 fresh draws too (the library's
-validation), and evaluated on 1024 other draws against the converged solution of the same ODE (RK4, the
+criterion (`coordinate_descent` of the pixel Frechet distance to converged samples from the closest of the Karras
+schedules at several rho, `karras_starts`, with `fit_schedules`' default steps and noise draws, 64) and selected
+(that closest start, `search="select"`), each kept only where it is closer than Karras on 256 fresh draws too (the
+library's validation), and evaluated on 1024 other draws against the converged solution of the same ODE (RK4, the
 exact benchmark's reference): the RMS error per sample, which a schedule fitted to the distribution need not lower,
 and the Frechet distance of the samples to the converged ones, which it should. diffusers' solvers are not
 fitted: `EDMDPMSolverMultistepScheduler.set_timesteps` takes no schedule in diffusers 0.42.1.
@@ -40,7 +41,9 @@ from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_LOG_STEPS,
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_VALIDATION_SAMPLES,
+    closest_start,
     coordinate_descent,
+    karras_starts,
     pixel_features,
 )
 
@@ -73,6 +76,7 @@ class Flow:
         self.denoiser = ExactDenoiser(points, tau, allowed)
         self.reference = reference_solution(self.denoiser, SIGMA_MAX * self.noise, reference_steps)[SIGMA_MIN]
         self.reference_features = pixel_features(as_images(self.reference).clamp(-1, 1))
+        self._distances = {}  # by schedule, as the library's `ScheduleDistance` keeps them
 
     def sample(self, sigmas: list[float]) -> torch.Tensor:
         scheduler = IPNDMScheduler(**EDM, fitted_sigmas=[sigmas])
@@ -81,7 +85,11 @@ class Flow:
         return sample
 
     def distance(self, sigmas: list[float]) -> float:
-        return frechet_distance(pixel_features(as_images(self.sample(sigmas)).clamp(-1, 1)), self.reference_features)
+        key = tuple(sigmas)
+        if key not in self._distances:
+            samples = pixel_features(as_images(self.sample(sigmas)).clamp(-1, 1))
+            self._distances[key] = frechet_distance(samples, self.reference_features)
+        return self._distances[key]
 
 
 def main() -> None:
@@ -100,37 +108,41 @@ def main() -> None:
             validation_flow = Flow(*common, DEFAULT_VALIDATION_SAMPLES, generator, args.reference_steps)
             rows = results.setdefault(f"tau {tau:g} {kind}", {})
             for nfe in args.nfe:
-                scheduler = IPNDMScheduler(**EDM)
-                karras = scheduler._formula_sigmas(nfe).tolist()
-                fitted, _ = coordinate_descent(fit_flow.distance, karras, DEFAULT_LOG_STEPS)
-                kept = validation_flow.distance(fitted) < validation_flow.distance(karras)  # as fit_schedules keeps
+                starts = karras_starts(IPNDMScheduler(**EDM), nfe)
+                karras, (selected, _) = starts[0], closest_start(fit_flow.distance, starts)
+                fitted, _ = coordinate_descent(fit_flow.distance, selected, DEFAULT_LOG_STEPS)
+                # as fit_schedules keeps them: only where closer than Karras on the validation's draws too
+                kept = {name: validation_flow.distance(sigmas) < validation_flow.distance(karras)
+                        for name, sigmas in (("fitted", fitted), ("selected", selected))}
                 rows[nfe] = {
                     name: {"rms": rms(eval_flow.sample(sigmas), eval_flow.reference),
                            "frechet": eval_flow.distance(sigmas), "sigmas": sigmas}
-                    for name, sigmas in (("karras", karras), ("fitted", fitted if kept else karras))
+                    for name, sigmas in (("karras", karras), ("fitted", fitted if kept["fitted"] else karras),
+                                         ("selected", selected if kept["selected"] else karras))
                 }
                 rows[nfe]["kept"] = kept
                 print(f"tau {tau:g} {kind} NFE {nfe}: " + ", ".join(
                     f"{name} rms {rows[nfe][name]['rms']:.4f} FD {rows[nfe][name]['frechet']:.4f}"
-                    for name in ("karras", "fitted")
+                    for name in ("karras", "fitted", "selected")
                 ) + f", kept {kept}", flush=True)
     lines = [
         "# Fitted schedules on exact denoisers: iPNDM (AFS, fixed weights) on fitted vs Karras schedules", "",
         "Command: `python benchmarks/fitted_schedules_exact_denoiser.py` "
         f"(took {time.perf_counter() - started:.0f} s). Fitted on {args.fit_samples} noise draws and kept where it is "
         f"closer than Karras on {DEFAULT_VALIDATION_SAMPLES} fresh ones too (as `fit_schedules` validates; "
-        "elsewhere 'fitted' is Karras), evaluated on "
+        "elsewhere 'fitted' is Karras; 'selected': the descent's start, `search=\"select\"`, kept the same way), "
+        "evaluated on "
         f"{args.eval_samples} others against the converged solution of the same ODE at sigma_min. RMS: per-sample "
         "error; FD: Frechet distance of the pixels (clamped to [-1, 1]) to the converged samples. Lower is better.",
         "",
     ]
     for flow, rows in results.items():
-        lines += [f"## {flow}", "", "| NFE | RMS Karras | RMS fitted | FD Karras | FD fitted | fit kept |",
-                  "|---" * 6 + "|"]
+        lines += [f"## {flow}", "", "| NFE | RMS Karras | RMS fitted | RMS selected | FD Karras | FD fitted | "
+                  "FD selected | kept (fitted, selected) |", "|---" * 8 + "|"]
         for nfe, row in rows.items():
-            lines.append(f"| {nfe} | {row['karras']['rms']:.4f} | {row['fitted']['rms']:.4f} | "
-                         f"{row['karras']['frechet']:.4f} | {row['fitted']['frechet']:.4f} | "
-                         f"{'yes' if row['kept'] else 'no'} |")
+            kept = ", ".join("yes" if row["kept"][name] else "no" for name in ("fitted", "selected"))
+            lines.append(f"| {nfe} | " + " | ".join(f"{row[name][measure]:.4f}" for measure in ("rms", "frechet")
+                                                    for name in ("karras", "fitted", "selected")) + f" | {kept} |")
         lines.append("")
     results_dir = Path(args.results_dir)
     (results_dir / "fitted_schedules_exact_denoiser.md").write_text("\n".join(lines))

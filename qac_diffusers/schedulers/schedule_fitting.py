@@ -196,10 +196,9 @@ class ScheduleDistance:
         The starts of the search, in its coordinates: the formula first, then EDM's Karras schedules at the other
         `EDM_START_RHOS` or rectified flow's grids shifted by `FLOW_START_SHIFTS`.
         """
-        formula = self.to_search(self.formula_sigmas(num_inference_steps))
         if self.fitted_class is IPNDMScheduler:
-            return [formula] + [self._scheduler(rho=rho)._formula_sigmas(num_inference_steps).tolist()
-                                for rho in EDM_START_RHOS if rho != self.config["rho"]]
+            return karras_starts(self._scheduler(), num_inference_steps)
+        formula = self.to_search(self.formula_sigmas(num_inference_steps))
         return [formula] + [[formula[0], *(sigma * shift for sigma in formula[1:-1]), formula[-1]]
                             for shift in FLOW_START_SHIFTS]
 
@@ -378,8 +377,18 @@ def _insertions(sigmas: list[float]) -> list[list[float]]:
     ]
 
 
-def _closest(distance, starts: list[list[float]]) -> tuple[list[float], float]:
-    """The closest of `starts` to the teacher and its distance; the first (the formula) wins ties."""
+def karras_starts(scheduler: IPNDMScheduler, num_inference_steps: int) -> list[list[float]]:
+    """
+    The starts of EDM's search: the Karras schedule of `scheduler` for `num_inference_steps` model calls, then the
+    Karras schedules at the other rho of `EDM_START_RHOS` (same ends and number of points).
+    """
+    rhos = [scheduler.config.rho, *(rho for rho in EDM_START_RHOS if rho != scheduler.config.rho)]
+    schedulers = [IPNDMScheduler.from_config(scheduler.config, rho=rho, fitted_sigmas=None) for rho in rhos]
+    return [scheduler._formula_sigmas(num_inference_steps).tolist() for scheduler in schedulers]
+
+
+def closest_start(distance, starts: list[list[float]]) -> tuple[list[float], float]:
+    """The closest of `starts` to the teacher by `distance`, and its distance; the first (the formula) wins ties."""
     start = min(starts, key=distance)
     return start, distance(start)
 
@@ -390,7 +399,7 @@ def _fit_one(distance, starts: list[list[float]], below: list[float] | None, log
     ties), and, when a schedule was fitted for one model call less (`below`), also the descent from the best of its
     one-point insertions if that one starts closer to the teacher than the first descent ended; the closer of the two.
     """
-    fitted = coordinate_descent(distance, _closest(distance, starts)[0], log_steps)
+    fitted = coordinate_descent(distance, closest_start(distance, starts)[0], log_steps)
     insertions = [(distance(sigmas), sigmas) for sigmas in _insertions(below)] if below is not None else []
     if insertions:  # none where `below` has no gap between two finite, positive points
         start_distance, start = min(insertions, key=lambda pair: pair[0])
@@ -502,7 +511,7 @@ def fit_schedules(
         starts = distance.search_starts(nfe)
         formula_distances[nfe] = distance.search_distance(starts[0])
         if search == "select":
-            sigmas, fitted_distances[nfe] = _closest(distance.search_distance, starts)
+            sigmas, fitted_distances[nfe] = closest_start(distance.search_distance, starts)
         else:
             below = searched[-1] if nfe - 1 in fitted_distances else None
             sigmas, fitted_distances[nfe] = _fit_one(distance.search_distance, starts, below, log_steps)
