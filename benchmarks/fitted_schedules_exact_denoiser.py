@@ -6,12 +6,12 @@ The flows of benchmarks/solvers_exact_denoiser.py: the 1,797 digits smoothed wit
 their closed-form EDM denoiser, unconditional and class-conditional. For each flow and NFE, the iPNDM schedule (with
 the analytical first step, fixed weights: the library's default sampler) is fitted with the library's own search and
 criterion (`coordinate_descent` of the pixel Frechet distance to converged samples from the closest of the Karras
-schedules at several rho, `karras_starts`, with `fit_schedules`' default steps and noise draws, 64) and selected
-(that closest start, `search="select"`), each kept only where it is closer than Karras on 256 fresh draws too (the
-library's validation), and evaluated on 1024 other draws against the converged solution of the same ODE (RK4, the
-exact benchmark's reference): the RMS error per sample, which a schedule fitted to the distribution need not lower,
-and the Frechet distance of the samples to the converged ones, which it should. diffusers' solvers are not
-fitted: `EDMDPMSolverMultistepScheduler.set_timesteps` takes no schedule in diffusers 0.42.1.
+schedule and its variants with a longer first step, `karras_starts`, with `fit_schedules`' default steps and noise
+draws, 64) and selected (that closest start, `search="select"`), each kept only where it is closer than Karras on 256
+fresh draws too (the library's validation), and evaluated on 1024 other draws against the converged solution of the
+same ODE (RK4, the exact benchmark's reference): the RMS error per sample, which a schedule fitted to the distribution
+need not lower, and the Frechet distance of the samples to the converged ones, which it should. diffusers' solvers
+are not fitted: `EDMDPMSolverMultistepScheduler.set_timesteps` takes no schedule in diffusers 0.42.1.
 
 Writes benchmarks/results/fitted_schedules_exact_denoiser.{md,json}.
 """

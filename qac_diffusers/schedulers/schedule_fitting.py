@@ -15,11 +15,10 @@ classifier features rose 3x at NFE 3). So the search here runs the real sampler,
 first step, on every candidate schedule, and scores the *distribution* of its samples: the Frechet distance between
 the samples and the teacher's samples from the same noise and codes, in (pooled) pixel space, which a blurred set of
 samples pays for through its covariance. The search is a coordinate descent on log sigma that starts from the
-closest of the formula schedule and a few variants of it (Karras at other rho; rectified flow's shifted grids) and
-accepts only improvements, so a fitted schedule never scores worse than the formula; a second descent starts from the
-schedule fitted for one NFE less with one point inserted, when that is closer. The cheap search ("select") stops at
-the closest start: the fixed-weight iPNDM's bad NFE move with rho, so one of the variants is nearly always far closer
-to the teacher than Karras at rho 7 where that one has a hole.
+closest of the formula schedule and a few variants of it (Karras after a longer free first step; rectified flow's
+shifted grids) and accepts only improvements, so a fitted schedule never scores worse than the formula; a second
+descent starts from the schedule fitted for one NFE less with one point inserted, when that is closer. The cheap
+search ("select") stops at the closest start, at a few model calls per start and NFE.
 A search that accepts every improvement on one set of noise draws also fits that set's chance: each fitted schedule is
 therefore scored again, with the formula's, on fresh noise and codes, and kept only where it is still closer to the
 teacher there ([`validate_schedules`]); elsewhere the scheduler keeps the formula.
@@ -52,11 +51,14 @@ DEFAULT_TEACHER_STEPS = 64
 DEFAULT_SEARCH_SAMPLES = 64
 DEFAULT_VALIDATION_SAMPLES = 256
 DEFAULT_LOG_STEPS = (0.5, 0.2)
-# The search's starts besides the formula (README "Fitted schedules"): EDM's Karras schedule at these other rho (the
-# fixed-weight iPNDM has bad NFE that move with rho), rectified flow's uniform grid with diffusers' time shift
-# t -> s t / (1 + (s - 1) t) (SD3's schedules), i.e. every sigma = t / (1 - t) times s, for these s (the uniform grid,
-# unlike Karras' rho = 7, is not tuned to few steps). The descent starts from the closest of these; "select" keeps it.
-EDM_START_RHOS = (4.0, 5.0, 10.0, 14.0, 20.0)
+# The search's starts besides the formula (README "Fitted schedules"). EDM: the free first step (the analytical one;
+# without it, the first call's step) lands at sigma_max divided by each of these, and a Karras schedule (the config's
+# rho) runs from there to the last point: trajectories of trained models are nearly straight at high noise, where
+# Karras spends most of its steps (GITS' finding; our fits jump from 80 to 5-12). Rectified flow: the uniform grid with
+# diffusers' time shift t -> s t / (1 + (s - 1) t) (SD3's schedules), i.e. every sigma = t / (1 - t) times s, for these
+# s (the uniform grid, unlike Karras' rho = 7, is not tuned to few steps). The descent starts from the closest of the
+# formula and these; "select" keeps that closest one.
+FIRST_STEP_DIVISORS = (2, 4, 8, 16, 32)
 FLOW_START_SHIFTS = (0.25, 0.5, 2.0)
 # "descent": a coordinate descent from the closest start (the full search); "select": the closest start itself, a
 # fit of a few model calls per start and NFE (train_qac.py's default).
@@ -193,8 +195,9 @@ class ScheduleDistance:
 
     def search_starts(self, num_inference_steps: int) -> list[list[float]]:
         """
-        The starts of the search, in its coordinates: the formula first, then EDM's Karras schedules at the other
-        `EDM_START_RHOS` or rectified flow's grids shifted by `FLOW_START_SHIFTS`.
+        The starts of the search, in its coordinates: the formula first, then EDM's Karras schedules after a first step
+        to sigma_max / `FIRST_STEP_DIVISORS` ([`karras_starts`]) or rectified flow's grids shifted by
+        `FLOW_START_SHIFTS`.
         """
         if self.fitted_class is IPNDMScheduler:
             return karras_starts(self._scheduler(), num_inference_steps)
@@ -379,12 +382,23 @@ def _insertions(sigmas: list[float]) -> list[list[float]]:
 
 def karras_starts(scheduler: IPNDMScheduler, num_inference_steps: int) -> list[list[float]]:
     """
-    The starts of EDM's search: the Karras schedule of `scheduler` for `num_inference_steps` model calls, then the
-    Karras schedules at the other rho of `EDM_START_RHOS` (same ends and number of points).
+    The starts of EDM's search for `num_inference_steps` model calls: the Karras schedule of `scheduler`, then for
+    each divisor q of `FIRST_STEP_DIVISORS` the schedule whose first step (free with the analytical first step) goes
+    from sigma_max to sigma_max / q, followed by the scheduler's Karras schedule from sigma_max / q with one step fewer
+    (same rho, same last points). Each has the formula's ends and number of points; none when that first step would
+    be the only one.
     """
-    rhos = [scheduler.config.rho, *(rho for rho in EDM_START_RHOS if rho != scheduler.config.rho)]
-    schedulers = [IPNDMScheduler.from_config(scheduler.config, rho=rho, fitted_sigmas=None) for rho in rhos]
-    return [scheduler._formula_sigmas(num_inference_steps).tolist() for scheduler in schedulers]
+    config = scheduler.config
+    formula = scheduler._formula_sigmas(num_inference_steps).tolist()
+    calls_after_first_step = num_inference_steps - (0 if config.analytical_first_step else 1)
+    if calls_after_first_step < 1:
+        return [formula]
+    tails = [
+        IPNDMScheduler.from_config(config, sigma_max=config.sigma_max / divisor, analytical_first_step=False,
+                                   fitted_sigmas=None)._formula_sigmas(calls_after_first_step).tolist()
+        for divisor in FIRST_STEP_DIVISORS if config.sigma_max / divisor > config.sigma_min
+    ]
+    return [formula] + [[config.sigma_max, *tail] for tail in tails]
 
 
 def closest_start(distance, starts: list[list[float]]) -> tuple[list[float], float]:
@@ -464,9 +478,10 @@ def fit_schedules(
     returned as [`FittedFlowMatchEulerDiscreteScheduler`] or [`FittedFlowMatchHeunDiscreteScheduler`]; Heun at odd
     NFE only).
 
-    For each NFE, a coordinate descent starts from the closest of the formula schedule and its variants (Karras at
-    rho 7 and at `EDM_START_RHOS`; for rectified flow RNE's uniform grid and its shifts, `FLOW_START_SHIFTS`; see
-    [`ScheduleDistance.search_starts`]) and moves one point at a time by a factor `exp(+-log_step)`
+    For each NFE, a coordinate descent starts from the closest of the formula schedule and its variants (Karras from
+    sigma_max, and Karras after a first step to sigma_max / `FIRST_STEP_DIVISORS`; for rectified flow RNE's uniform
+    grid and its shifts, `FLOW_START_SHIFTS`; see [`ScheduleDistance.search_starts`]) and moves one point at a time by
+    a factor `exp(+-log_step)`
     in sigma (in t / (1 - t), EDM's sigma, for rectified flow), keeping a move when [`ScheduleDistance`] (the Frechet
     distance between the sampler's images and a converged teacher's) drops. When the NFE one below is fitted in the
     same call, the best of its schedules with one point inserted (the geometric mean of two neighbours) is a second

@@ -19,13 +19,13 @@ from qac_diffusers.schedulers import (
 )
 from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_LOG_STEPS,
-    EDM_START_RHOS,
     FLOW_START_SHIFTS,
     ScheduleDistance,
     _fit_one,
     _insertions,
     coordinate_descent,
     fit_schedules,
+    karras_starts,
     pixel_features,
     validate_schedules,
 )
@@ -401,14 +401,19 @@ def test_flow_search_moves_edm_sigmas_and_starts_from_shifted_grids():
     )
 
 
-def test_edm_search_starts_from_karras_schedules_of_several_rho():
+def test_edm_search_starts_from_karras_schedules_after_longer_first_steps():
     distance = ScheduleDistance(make_tiny_pipeline(), num_samples=6, teacher_steps=3, generator=seeded(0))
     assert distance.to_search([80.0, 1.0]) == [80.0, 1.0]
     formula, *others = distance.search_starts(2)
     assert formula == distance.formula_sigmas(2) == pytest.approx([80.0, 9.7232, 0.47, 0.002], abs=1e-4)
-    assert len(others) == len(EDM_START_RHOS)  # the pipeline's rho, 7, is the formula
-    for rho, start in zip(EDM_START_RHOS, others):
-        assert start == pytest.approx(karras_sigmas(4, 0.002, 80.0, rho).tolist())
+    # the free first step lands at 80 / q, then Karras (rho 7) from there: 2 calls on 3 points
+    expected = [[80.0, *karras_sigmas(3, 0.002, 80.0 / q, 7.0).tolist()] for q in (2, 4, 8, 16, 32)]
+    assert others == [pytest.approx(start) for start in expected]
+    assert others[-1] == pytest.approx([80.0, 2.5, 0.1690, 0.002], abs=1e-4)
+    # without the analytical first step the first call is at sigma_max, and the formula is the only start at 1 call
+    no_afs = IPNDMScheduler(analytical_first_step=False)
+    assert karras_starts(no_afs, 2)[1] == pytest.approx([80.0, 40.0, 0.002])
+    assert karras_starts(no_afs, 1) == [pytest.approx([80.0, 0.002])]
 
 
 def test_select_search_keeps_the_closest_start_without_a_descent():
@@ -423,8 +428,10 @@ def test_select_search_keeps_the_closest_start_without_a_descent():
         assert sigmas == starts[nfe][scores.index(min(scores))]
         assert output.fitted_distances[nfe] == pytest.approx(min(scores))
         assert output.fitted_distances[nfe] <= output.formula_distances[nfe]
-    # the teacher's 3 calls, then each start's NFE calls (no two starts share a first point)
-    assert output.num_model_calls == distance.num_model_calls == 3 + sum(nfe * len(starts[nfe]) for nfe in FIT_NFES)
+    # the teacher's 3 calls, then each start's NFE calls, except the first call of NFE 2's starts after a longer first
+    # step: NFE 1's start with the same first step made it
+    assert len(starts[1]) == len(starts[2]) == 6
+    assert output.num_model_calls == distance.num_model_calls == 3 + 1 * 6 + 2 * 6 - 5
 
 
 def test_flow_distance_runs_the_pipelines_euler_and_a_heun_teacher():
