@@ -21,6 +21,7 @@ from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_LOG_STEPS,
     FLOW_START_SHIFTS,
     ScheduleDistance,
+    _fit_nfe,
     _fit_one,
     _insertions,
     coordinate_descent,
@@ -416,17 +417,40 @@ def test_edm_search_starts_from_karras_schedules_after_longer_first_steps():
     assert karras_starts(no_afs, 1) == [pytest.approx([80.0, 0.002])]
 
 
-def test_select_search_keeps_the_closest_start_without_a_descent():
+def test_select_keeps_the_closest_start_unless_one_call_fewer_was_as_close():
+    # The distance of test_fit_one_keeps_the_better_of_the_two_descents: the closest start is in the poor basin (0.3 +)
+    good = [80.0, 9.0, 0.9, math.sqrt(0.9 * 0.002), 0.002]
+    poor = [80.0, 60.0, 40.0, 20.0, 0.002]
+
+    def distance(sigmas):
+        def log_distance(target):
+            return sum(abs(math.log(s) - math.log(t)) for s, t in zip(sigmas[1:-1], target[1:-1]))
+
+        return min(log_distance(good), 0.3 + log_distance(poor))
+
+    starts, below = [[80.0, 50.0, 30.0, 15.0, 0.002], [80.0, 55.0, 35.0, 18.0, 0.002]], [80.0, 9.0, 0.9, 0.002]
+    closest = min(starts, key=distance)
+    kept = (closest, distance(closest))
+    # closer than the fit for one call fewer (or no such fit): the closest start, no descent
+    assert _fit_nfe(distance, starts, below, distance(closest) + 0.01, "select", (0.5,)) == kept
+    assert _fit_nfe(distance, starts, None, None, "select", (0.5,)) == kept
+    # no closer: the descent, which finds the good basin from `below` with a point inserted
+    for search in ("select", "descent"):
+        fitted, best = _fit_nfe(distance, starts, below, distance(closest), search, (0.5,))
+        assert fitted == pytest.approx(good) and best == pytest.approx(0.0)
+
+
+def test_select_search_keeps_the_closest_start_on_a_pipeline():
     pipe = make_tiny_pipeline()
     distance = ScheduleDistance(pipe, **FIT_SETTINGS, generator=seeded(0))
     starts = {nfe: distance.search_starts(nfe) for nfe in FIT_NFES}
     output = fit_schedules(
         pipe, FIT_NFES, **FIT_SETTINGS, generator=seeded(0), search="select", validate=False, progress_bar=False
     )
+    closest = {nfe: min(starts[nfe], key=distance) for nfe in FIT_NFES}
+    assert distance(closest[2]) < distance(closest[1])  # so that NFE 2 keeps its closest start too
     for nfe, sigmas in zip(FIT_NFES, output.scheduler.config.fitted_sigmas):
-        scores = [distance(start) for start in starts[nfe]]
-        assert sigmas == starts[nfe][scores.index(min(scores))]
-        assert output.fitted_distances[nfe] == pytest.approx(min(scores))
+        assert sigmas == closest[nfe] and output.fitted_distances[nfe] == pytest.approx(distance(closest[nfe]))
         assert output.fitted_distances[nfe] <= output.formula_distances[nfe]
     # the teacher's 3 calls, then each start's NFE calls, except the first call of NFE 2's starts after a longer first
     # step: NFE 1's start with the same first step made it
