@@ -7,7 +7,8 @@ their closed-form EDM denoiser, unconditional and class-conditional. For each fl
 the analytical first step, fixed weights: the library's default sampler) is fitted with the library's own search and
 criterion (`coordinate_descent` of the pixel Frechet distance to converged samples from the closest of the Karras
 schedule and its variants with a longer first step, `karras_starts`, with `fit_schedules`' default steps and noise
-draws, 64) and selected (that closest start, `search="select"`), each kept only where it is closer than Karras on 256
+draws, 64) and selected (`search="select"`: that closest start, with the descent where it is no closer than the
+NFE one below), each kept only where it is closer than Karras on 256
 fresh draws too (the library's validation), and evaluated on 1024 other draws against the converged solution of the
 same ODE (RK4, the exact benchmark's reference): the RMS error per sample, which a schedule fitted to the distribution
 need not lower, and the Frechet distance of the samples to the converged ones, which it should. diffusers' solvers
@@ -41,8 +42,7 @@ from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_LOG_STEPS,
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_VALIDATION_SAMPLES,
-    closest_start,
-    coordinate_descent,
+    _fit_nfe,
     karras_starts,
     pixel_features,
 )
@@ -107,10 +107,14 @@ def main() -> None:
             eval_flow = Flow(*common, args.eval_samples, generator, args.reference_steps)
             validation_flow = Flow(*common, DEFAULT_VALIDATION_SAMPLES, generator, args.reference_steps)
             rows = results.setdefault(f"tau {tau:g} {kind}", {})
-            for nfe in args.nfe:
+            below = {"descent": (None, None), "select": (None, None)}  # each search's fit for one call fewer
+            for nfe in sorted(args.nfe):
                 starts = karras_starts(IPNDMScheduler(**EDM), nfe)
-                karras, (selected, _) = starts[0], closest_start(fit_flow.distance, starts)
-                fitted, _ = coordinate_descent(fit_flow.distance, selected, DEFAULT_LOG_STEPS)
+                karras = starts[0]
+                for search in below:  # as fit_schedules fits NFE after NFE
+                    previous = below[search] if nfe - 1 in rows else (None, None)
+                    below[search] = _fit_nfe(fit_flow.distance, starts, *previous, search, DEFAULT_LOG_STEPS)
+                (fitted, _), (selected, _) = below["descent"], below["select"]
                 # as fit_schedules keeps them: only where closer than Karras on the validation's draws too
                 kept = {name: validation_flow.distance(sigmas) < validation_flow.distance(karras)
                         for name, sigmas in (("fitted", fitted), ("selected", selected))}
@@ -130,7 +134,7 @@ def main() -> None:
         "Command: `python benchmarks/fitted_schedules_exact_denoiser.py` "
         f"(took {time.perf_counter() - started:.0f} s). Fitted on {args.fit_samples} noise draws and kept where it is "
         f"closer than Karras on {DEFAULT_VALIDATION_SAMPLES} fresh ones too (as `fit_schedules` validates; "
-        "elsewhere 'fitted' is Karras; 'selected': the descent's start, `search=\"select\"`, kept the same way), "
+        "elsewhere 'fitted' is Karras; 'selected': `search=\"select\"`, kept the same way), "
         "evaluated on "
         f"{args.eval_samples} others against the converged solution of the same ODE at sigma_min. RMS: per-sample "
         "error; FD: Frechet distance of the pixels (clamped to [-1, 1]) to the converged samples. Lower is better.",

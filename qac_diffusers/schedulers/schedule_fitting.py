@@ -19,8 +19,8 @@ closest of the formula schedule and a few variants of it (Karras after a longer 
 shifted grids) and accepts only improvements, so a fitted schedule never scores worse than the formula; a second
 descent starts from the schedule fitted for one NFE less with one point inserted, when that is closer. The cheap
 search ("select") stops at the closest start, at a few model calls per start and NFE, except where that start is not
-closer to the teacher than the schedule fitted for one call fewer: a sampler with one more call that is no closer has
-room to improve (on our digits models, the NFE where the closest start left a bump in FD), and there it descends.
+closer to the teacher than the closest start for one call fewer: the starts have missed that NFE (on our digits models,
+where the closest start left a bump in FD), and there it descends.
 A search that accepts every improvement on one set of noise draws also fits that set's chance: each fitted schedule is
 therefore scored again, with the formula's, on fresh noise and codes, and kept only where it is still closer to the
 teacher there ([`validate_schedules`]); elsewhere the scheduler keeps the formula.
@@ -64,7 +64,7 @@ FIRST_STEP_DIVISORS = (2, 4, 8, 16, 32)
 FLOW_START_SHIFTS = (0.25, 0.5, 2.0)
 # "descent": a coordinate descent from the closest start (the full search); "select": the closest start itself, a
 # fit of a few model calls per start and NFE, and the descent only at an NFE where that start is not closer to the
-# teacher than the fit for one call fewer (train_qac.py's default).
+# teacher than the closest start for one call fewer (train_qac.py's default).
 SEARCHES = ("descent", "select")
 # Sampler states kept for runs that share their first points (each: the sample, up to 4 derivatives, a model output).
 MAX_KEPT_STATES = 32
@@ -425,15 +425,15 @@ def _fit_one(distance, starts: list[list[float]], below: list[float] | None, log
     return fitted
 
 
-def _fit_nfe(distance, starts: list[list[float]], below: list[float] | None, below_distance: float | None,
+def _fit_nfe(distance, starts: list[list[float]], below: list[float] | None, below_starts: list[list[float]] | None,
              search: str, log_steps: Sequence[float]) -> tuple[list[float], float]:
     """
     The schedule fitted for one NFE by `search`: with "descent" [`_fit_one`]'s; with "select" the closest of
-    `starts`, unless it is not closer to the teacher than `below_distance` (the fit for one call fewer, `below`), where
-    [`_fit_one`]'s descent runs too.
+    `starts`, unless it is not closer to the teacher than the closest of `below_starts` (the starts for one call fewer,
+    whose fit is `below`): there the starts missed this NFE, and [`_fit_one`]'s descent runs.
     """
     closest = closest_start(distance, starts)
-    if search == "select" and (below_distance is None or closest[1] < below_distance):
+    if search == "select" and (below_starts is None or closest[1] < closest_start(distance, below_starts)[1]):
         return closest
     return _fit_one(distance, starts, below, log_steps)
 
@@ -508,9 +508,9 @@ def fit_schedules(
     `num_validation_samples` fresh draws of `generator`, and the scheduler keeps only the fitted schedules that are
     closer there: a schedule that won on the search's draws by their chance alone goes back to the formula. With
     `search="select"` the fitted schedule is the closest start, chosen with a few model calls per start, and the
-    descent runs only at an NFE where that start is not closer to the teacher than the schedule fitted for one call
-    fewer in the same call (`train_qac.py`'s default, a small fraction of a training; README "Fitted schedules"
-    compares the two).
+    descent runs only at an NFE where that start is not closer to the teacher than the closest start for one call
+    fewer, fitted in the same call (`train_qac.py`'s default, a small fraction of a training; README "Fitted
+    schedules" compares the two).
     Everything is deterministic given `generator`.
 
     Args:
@@ -522,7 +522,7 @@ def fit_schedules(
             largest NFE.
         generator (`torch.Generator`, *optional*): The random source of the noise and the codes.
         search (`str`, defaults to `"descent"`): `"descent"` (the coordinate descent at every NFE) or `"select"` (the
-            closest start, and the descent only where that is no closer than the fit for one call fewer).
+            closest start, and the descent only where that is no closer than the closest start for one call fewer).
         log_steps (`Sequence[float]`, defaults to `(0.5, 0.2)`): The step sizes of the descent in log sigma (of t / (1
             - t) for rectified flow), largest first.
         validate (`bool`, defaults to `True`): Keep only the fitted schedules that are closer than the formula on
@@ -543,9 +543,11 @@ def fit_schedules(
     for nfe in bar:
         starts = distance.search_starts(nfe)
         formula_distances[nfe] = distance.search_distance(starts[0])
-        below = searched[-1] if nfe - 1 in fitted_distances else None
+        below, below_starts = None, None
+        if nfe - 1 in fitted_distances:  # the fit and the starts for one call fewer
+            below, below_starts = searched[-1], distance.search_starts(nfe - 1)
         sigmas, fitted_distances[nfe] = _fit_nfe(
-            distance.search_distance, starts, below, fitted_distances.get(nfe - 1), search, log_steps
+            distance.search_distance, starts, below, below_starts, search, log_steps
         )
         searched.append(sigmas)
         bar.set_postfix(nfe=nfe, formula=f"{formula_distances[nfe]:.3g}", fitted=f"{fitted_distances[nfe]:.3g}")

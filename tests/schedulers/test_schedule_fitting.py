@@ -431,12 +431,15 @@ def test_select_keeps_the_closest_start_unless_one_call_fewer_was_as_close():
     starts, below = [[80.0, 50.0, 30.0, 15.0, 0.002], [80.0, 55.0, 35.0, 18.0, 0.002]], [80.0, 9.0, 0.9, 0.002]
     closest = min(starts, key=distance)
     kept = (closest, distance(closest))
-    # closer than the fit for one call fewer (or no such fit): the closest start, no descent
-    assert _fit_nfe(distance, starts, below, distance(closest) + 0.01, "select", (0.5,)) == kept
+    # starts for one call fewer: farther from the teacher than the closest start here, or closer (`poor`'s bottom)
+    farther, as_close = [[80.0, 80.0, 60.0, 0.002]], [[80.0, 60.0, 40.0, 0.002]]
+    assert distance(farther[0]) > distance(closest) and distance(as_close[0]) <= distance(closest)
+    # closer than the closest start for one call fewer (or no such starts): the closest start, no descent
+    assert _fit_nfe(distance, starts, below, farther, "select", (0.5,)) == kept
     assert _fit_nfe(distance, starts, None, None, "select", (0.5,)) == kept
     # no closer: the descent, which finds the good basin from `below` with a point inserted
-    for search in ("select", "descent"):
-        fitted, best = _fit_nfe(distance, starts, below, distance(closest), search, (0.5,))
+    for search, below_starts in (("select", as_close), ("descent", farther)):
+        fitted, best = _fit_nfe(distance, starts, below, below_starts, search, (0.5,))
         assert fitted == pytest.approx(good) and best == pytest.approx(0.0)
 
 
