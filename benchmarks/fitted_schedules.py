@@ -17,6 +17,7 @@ Writes benchmarks/results/fitted_schedules_digits.{md,json,png}. Resumable: each
 """
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -47,7 +48,9 @@ from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
 
 
 KARRAS_SOLVERS = ["ipndm", "ipndm_variable", "dpmsolver2"]
-FITTED = "ipndm_fitted"
+FITTED = "ipndm_fitted"  # fit_schedules' descent (its default)
+SELECTED = "ipndm_selected"  # fit_schedules(search="select"), train_qac.py's default
+FIT_FOLDERS = {FITTED: "fitted_scheduler", SELECTED: "selected_scheduler"}
 TEACHER = "teacher"  # the fit's teacher, at DEFAULT_TEACHER_STEPS calls
 TEACHER_CHECK_DRAWS = 256  # noise draws of the teacher's convergence check
 
@@ -68,15 +71,19 @@ def parse_args() -> argparse.Namespace:
     return argparse.Namespace(**{**training, **vars(parser.parse_args())})
 
 
-def fitted_scheduler(model_dir: Path, pipe: QACPipeline, seed: int, name: str = "fitted_scheduler", nfe=None):
+def fitted_scheduler(
+    model_dir: Path, pipe: QACPipeline, seed: int, name: str = FIT_FOLDERS[FITTED], nfe=None, search: str = "descent"
+):
     """
     The pipeline's scheduler fitted to the model (iPNDM; Euler or Heun for rectified flow) at `nfe` (the library's
-    default NFE when `None`): fitted once with the library's defaults and kept in model_dir/`name`.
+    default NFE when `None`) by `search`: fitted once with the library's defaults and kept in model_dir/`name`.
     """
     folder = model_dir / name
     if not (folder / "scheduler_config.json").is_file():
         started = time.perf_counter()
-        fit = fit_schedules(pipe, nfe or DEFAULT_FIT_NFE, generator=torch.Generator().manual_seed(seed))
+        fit = fit_schedules(
+            pipe, nfe or DEFAULT_FIT_NFE, generator=torch.Generator().manual_seed(seed), search=search
+        )
         seconds = time.perf_counter() - started
         facts = {"seconds": seconds, "num_model_calls": fit.num_model_calls,
                  "num_validation_model_calls": fit.num_validation_model_calls, "images_denoised": images_denoised(fit),
@@ -105,9 +112,14 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
     samplers = {solver: (solver_from_config(solver, karras_config), args.nfe) for solver in KARRAS_SOLVERS}
     samplers[TEACHER] = (solver_from_config("ipndm_variable", karras_config), [DEFAULT_TEACHER_STEPS])
     karras = pipe.scheduler
-    fitted = fitted_scheduler(model_dir, pipe, seed)
-    samplers[FITTED] = (fitted, args.nfe)
+    samplers[FITTED] = (fitted_scheduler(model_dir, pipe, seed), args.nfe)
     results = measure_samplers(args, model_dir, pipe, seed, samplers, FITTED, classifier, heldout_features)
+    pipe.scheduler = karras
+    selected = {SELECTED: (fitted_scheduler(model_dir, pipe, seed, FIT_FOLDERS[SELECTED], search="select"), args.nfe)}
+    results["select"] = measure_samplers(
+        args, model_dir, pipe, seed, selected, SELECTED, classifier, heldout_features, FIT_FOLDERS[SELECTED]
+    )
+    results["fd"][SELECTED] = results["select"]["fd"][SELECTED]
     pipe.scheduler = karras
     key = f"teacher pixel frechet_distance to {4 * DEFAULT_TEACHER_STEPS} calls {TEACHER_CHECK_DRAWS} draws"
     results["teacher_error"] = few_step.cached(model_dir, key, teacher_error, pipe)
@@ -123,11 +135,13 @@ def teacher_error(pipe: QACPipeline) -> float:
 
 
 def measure_samplers(
-    args, model_dir: Path, pipe: QACPipeline, seed: int, samplers: dict, fitted: str, classifier, heldout_features
+    args, model_dir: Path, pipe: QACPipeline, seed: int, samplers: dict, fitted: str, classifier, heldout_features,
+    fit_folder: str = FIT_FOLDERS[FITTED],
 ) -> dict:
     """
     FD[sampler][nfe] of one model for each `samplers[name] = (scheduler, nfes)`, the FD of the fitted one (`fitted`)
-    resampled with `args.resample_seeds` other seeds, and the fit's facts; each FD cached in the model's folder.
+    resampled with `args.resample_seeds` other seeds, and the facts of its fit (kept in model_dir/`fit_folder`); each
+    FD cached in the model's folder.
     """
     measure = few_step.sample_frechet_distance
     results = {"fd": {}, "resampled": {}}
@@ -149,7 +163,7 @@ def measure_samplers(
                 model_dir, key, measure, pipe, args.num_samples, nfe, 100 * draw + seed, classifier, heldout_features
             )
             results["resampled"].setdefault(nfe, []).append(distance)
-    results["fit"] = json.loads((model_dir / "fitted_scheduler" / "fit_facts.json").read_text())
+    results["fit"] = json.loads((model_dir / fit_folder / "fit_facts.json").read_text())
     results["training_seconds"] = float((model_dir / "benchmark_training_seconds.txt").read_text())
     results["fitted_sigmas"] = scheduler.config.fitted_sigmas
     results["fitted_nfe"] = scheduler.fitted_num_inference_steps  # where the validation kept the fit
@@ -200,29 +214,30 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
         f"{accuracy:.3f}), mean ± std over seeds; real training split vs held-out: {floor:.2f}. Fits: "
         f"`fit_schedules` with its defaults ({DEFAULT_SEARCH_SAMPLES} noise draws in the search, "
         f"{DEFAULT_VALIDATION_SAMPLES} in the validation, {DEFAULT_TEACHER_STEPS}-call teacher, log steps "
-        f"{'/'.join(map(str, DEFAULT_LOG_STEPS))}). Seeds on Karras: where the fit's validation kept the formula, so "
-        f"that {FITTED} is iPNDM on the Karras schedule there.",
+        f"{'/'.join(map(str, DEFAULT_LOG_STEPS))}); {SELECTED}: `fit_schedules(search=\"select\")`, train_qac.py's "
+        "default (the closest of Karras and Karras after a first step to 80 / 2, 4, 8, 16, 32; no descent). "
+        f"Seeds on Karras: where the fit's validation kept the formula, so that {FITTED} or {SELECTED} is iPNDM on "
+        "the Karras schedule at rho 7 there.",
         "",
     ]
+    solvers = [*KARRAS_SOLVERS, FITTED, SELECTED]
     for model in args.models:
         runs = results[model]
-        lines += [f"## {model}", "", "| NFE | " + " | ".join([*KARRAS_SOLVERS, FITTED]) + " | best Karras | fitted "
-                  "≤ best? | seeds on Karras |", "|---" * (len(KARRAS_SOLVERS) + 5) + "|"]
+        selected_runs = [run["select"] for run in runs]
+        lines += [f"## {model}", "", "| NFE | " + " | ".join(solvers) + " | best Karras | fitted ≤ best? | selected "
+                  "≤ best? | seeds on Karras (fitted; selected) |", "|---" * (len(solvers) + 5) + "|"]
         for nfe in args.nfe:
-            cells = {solver: [run["fd"][solver][nfe] for run in runs] for solver in [*KARRAS_SOLVERS, FITTED]}
+            cells = {solver: [run["fd"][solver][nfe] for run in runs] for solver in solvers}
             best = min(KARRAS_SOLVERS, key=lambda solver: np.mean(cells[solver]))
-            verdict = "yes" if np.mean(cells[FITTED]) <= np.mean(cells[best]) else "**no**"
-            row = [mean_std(cells[solver]) for solver in [*KARRAS_SOLVERS, FITTED]]
-            on_karras = [str(seed) for seed, run in zip(args.seeds, runs) if nfe not in run["fitted_nfe"]]
-            lines.append(f"| {nfe} | " + " | ".join(row) + f" | {best} | {verdict} | {', '.join(on_karras)} |")
-        noise = sampling_noise(runs, args.nfe)
-        lines += ["", f"Sampling noise of the fitted FD (pooled std over {args.resample_seeds + 1} sampling seeds): "
-                      f"{noise:.2f}."]
-        for seed, run in zip(args.seeds, runs):
-            found = rises(run, args.nfe)
-            text = ", ".join(f"NFE {low}->{low + 1}: +{rise:.2f}" for low, rise in found) or "none"
-            beyond = [rise for _, rise in found if rise > 2 * noise]
-            lines.append(f"- seed {seed}: FD rises with NFE: {text}; beyond 2x the noise: {len(beyond)}.")
+            verdicts = ["yes" if np.mean(cells[fit]) <= np.mean(cells[best]) else "**no**"
+                        for fit in (FITTED, SELECTED)]
+            row = [mean_std(cells[solver]) for solver in solvers]
+            on_karras = [", ".join(str(seed) for seed, run in zip(args.seeds, fit_runs)
+                                   if nfe not in run["fitted_nfe"]) for fit_runs in (runs, selected_runs)]
+            on_karras = "; ".join(on_karras) if any(on_karras) else ""
+            lines.append(f"| {nfe} | " + " | ".join(row) + f" | {best} | {' | '.join(verdicts)} | {on_karras} |")
+        for fit, fit_runs in ((FITTED, runs), (SELECTED, selected_runs)):
+            lines += ["", *no_hole_lines(args, fit_runs, fit)]
         lines += ["", *converged_lines(args, runs), ""]
     lines += ["## Moonshot: QAC fitted at NFE N vs the baseline (fixed iPNDM, Karras) at "
               f"{args.moonshot_factor}N", "", "| N | QAC fitted | baseline Karras at 5N |", "|---|---|---|"]
@@ -231,10 +246,24 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
         lines.append(f"| {nfe} | {mean_std(qac)} | {mean_std([m[nfe] for m in moon])} |")
     lines += ["", *cost_table(args, results)]
     lines += ["", "Fitted schedules of seed 0 (sigma from sigma_max to sigma_min, the first step analytical):", ""]
-    for model in args.models:
-        for nfe, sigmas in zip(results[model][0]["fitted_nfe"], results[model][0]["fitted_sigmas"] or []):
-            lines.append(f"- {model} NFE {nfe}: " + ", ".join(f"{sigma:.3g}" for sigma in sigmas))
+    for model, (fit, key) in itertools.product(args.models, ((FITTED, None), (SELECTED, "select"))):
+        run = results[model][0] if key is None else results[model][0][key]
+        for nfe, sigmas in zip(run["fitted_nfe"], run["fitted_sigmas"] or []):
+            lines.append(f"- {model} {fit} NFE {nfe}: " + ", ".join(f"{sigma:.3g}" for sigma in sigmas))
     return "\n".join(lines) + "\n"
+
+
+def no_hole_lines(args, runs: list[dict], fitted: str) -> list[str]:
+    """The fitted sampler's FD noise, and on each seed where its FD rises with NFE, and by how much."""
+    noise = sampling_noise(runs, args.nfe, fitted)
+    lines = [f"Sampling noise of the {fitted} FD (pooled std over {args.resample_seeds + 1} sampling seeds): "
+             f"{noise:.2f}."]
+    for seed, run in zip(args.seeds, runs):
+        found = rises(run, args.nfe, fitted)
+        text = ", ".join(f"NFE {low}->{low + 1}: +{rise:.2f}" for low, rise in found) or "none"
+        beyond = [rise for _, rise in found if rise > 2 * noise]
+        lines.append(f"- seed {seed}: {fitted} FD rises with NFE: {text}; beyond 2x the noise: {len(beyond)}.")
+    return lines
 
 
 def converged_lines(args, runs: list[dict]) -> list[str]:
@@ -250,7 +279,8 @@ def converged_lines(args, runs: list[dict]) -> list[str]:
             f"same noise and codes; its pixel FD to the same sampler at {4 * DEFAULT_TEACHER_STEPS} calls, on "
             f"{TEACHER_CHECK_DRAWS} draws: at most {max(run['teacher_error'] for run in runs):.1g}): FD "
             f"{few_step.mean_std(teacher)}. Below it in the mean: the best Karras solver at NFE "
-            f"{below(KARRAS_SOLVERS)}; the fitted one at NFE {below([FITTED])}."]
+            f"{below(KARRAS_SOLVERS)}; the fitted one at NFE {below([FITTED])}; the selected one at NFE "
+            f"{below([SELECTED])}."]
 
 
 def digits_classifier(train_split, heldout_split) -> tuple:
@@ -275,19 +305,24 @@ def cost_table(args, results: dict) -> list[str]:
     training_images = args.max_train_steps * args.train_batch_size
     for model in args.models:
         for seed, run in zip(args.seeds, results[model]):
-            fit, ratio = run["fit"], run["fit"]["seconds"] / run["training_seconds"]
-            lines.append(f"| {model}-seed{seed} | {fit['seconds']:.0f} | {fit['num_model_calls']} + "
-                         f"{fit['num_validation_model_calls']} | {fit['images_denoised'] / training_images:.2f} | "
-                         f"{run['training_seconds']:.0f} | {ratio:.2f} |")
+            for search, facts in (("", run["fit"]), (", select", run.get("select", {}).get("fit"))):
+                if facts is None:  # rectified flow's benchmark fits by descent only
+                    continue
+                ratio = facts["seconds"] / run["training_seconds"]
+                lines.append(f"| {model}-seed{seed}{search} | {facts['seconds']:.0f} | {facts['num_model_calls']} + "
+                             f"{facts['num_validation_model_calls']} | "
+                             f"{facts['images_denoised'] / training_images:.3f} | {run['training_seconds']:.0f} | "
+                             f"{ratio:.3f} |")
     return lines
 
 
 def plot(args, results: dict, moon: dict, floor: float, path: Path) -> None:
     figure, axes = plt.subplots(1, len(args.models), figsize=(6 * len(args.models), 4.2), sharey=True)
     for axis, model in zip(np.atleast_1d(axes), args.models):
-        for solver in [*KARRAS_SOLVERS, FITTED]:
+        for solver in [*KARRAS_SOLVERS, FITTED, SELECTED]:
             values = np.array([[run["fd"][solver][nfe] for nfe in args.nfe] for run in results[model]])
-            style = {"linewidth": 2.5, "color": "black"} if solver == FITTED else {}
+            style = {FITTED: {"linewidth": 2.5, "color": "black"}, SELECTED: {"linewidth": 2, "color": "gray"}}
+            style = style.get(solver, {})
             axis.errorbar(args.nfe, values.mean(0), yerr=values.std(0), label=solver, capsize=3, **style)
         if model == "baseline":
             values = np.array([[m[nfe] for nfe in args.moonshot_nfe] for m in moon])

@@ -43,7 +43,9 @@ from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
 
 MODELS = ["rectified_flow", "qac"]
 FITTED, HEUN_FITTED = "euler_fitted", "heun_fitted"
-SOLVERS = ["euler", "heun", FITTED, HEUN_FITTED]
+SELECTED = "euler_selected"  # fit_schedules(search="select"), train_qac.py's default
+SOLVERS = ["euler", "heun", FITTED, HEUN_FITTED, SELECTED]
+FORMULA_OF = {FITTED: "euler", HEUN_FITTED: "heun", SELECTED: "euler"}  # each fit against its sampler on RNE's grid
 # Where each model's fitted Heun scheduler is kept (the fitted Euler one: fitted_scheduler/).
 HEUN_FOLDER = "fitted_heun_scheduler"
 
@@ -87,6 +89,14 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
     results = fitted_schedules.measure_samplers(
         args, model_dir, pipe, seed, samplers, FITTED, classifier, heldout_features
     )
+    pipe.scheduler = samplers["euler"][0]
+    folder = fitted_schedules.FIT_FOLDERS[fitted_schedules.SELECTED]
+    selected = fitted_schedules.fitted_scheduler(model_dir, pipe, seed, folder, search="select")
+    selected = {SELECTED: (selected, args.nfe)}
+    results["select"] = fitted_schedules.measure_samplers(
+        args, model_dir, pipe, seed, selected, SELECTED, classifier, heldout_features, folder
+    )
+    results["fd"][SELECTED] = results["select"]["fd"][SELECTED]
     results["heun_fit"] = json.loads((model_dir / HEUN_FOLDER / "fit_facts.json").read_text())
     results["heun_fitted_nfe"] = samplers[HEUN_FITTED][0].fitted_num_inference_steps
     results["heun_fitted_sigmas"] = samplers[HEUN_FITTED][0].config.fitted_sigmas
@@ -110,31 +120,30 @@ def markdown(args, results: dict, floor: float, accuracy: float) -> str:
         f"digits-classifier features (held-out accuracy {accuracy:.3f}), mean ± std over seeds; real training split "
         f"vs held-out: {floor:.2f}. Fits: `fit_schedules` with its defaults ({DEFAULT_SEARCH_SAMPLES} noise draws "
         f"in the search, {DEFAULT_VALIDATION_SAMPLES} in the validation, a Heun teacher of "
-        f"{DEFAULT_TEACHER_STEPS - 1} calls; Heun fitted at the odd NFE). Seeds on RNE's grid: where the fit's "
-        "validation kept the uniform grid (Euler, Heun).",
+        f"{DEFAULT_TEACHER_STEPS - 1} calls; Heun fitted at the odd NFE); {SELECTED}: "
+        "`fit_schedules(search=\"select\")`, train_qac.py's default (the closest of RNE's grid and its shifts, no "
+        "descent). Seeds on RNE's grid: where the fit's validation kept the uniform grid, by fit.",
         "",
     ]
     for model in MODELS:
         runs = results[model]
-        lines += [f"## {model}", "", "| NFE | " + " | ".join(SOLVERS) + " | fitted ≤ RNE's grid? (Euler, Heun) | "
-                  "seeds on RNE's grid (Euler; Heun) |", "|---" * (len(SOLVERS) + 3) + "|"]
+        kept = {FITTED: [run["fitted_nfe"] for run in runs], HEUN_FITTED: [run["heun_fitted_nfe"] for run in runs],
+                SELECTED: [run["select"]["fitted_nfe"] for run in runs]}
+        lines += [f"## {model}", "", "| NFE | " + " | ".join(SOLVERS) + " | ≤ RNE's grid? (Euler fitted, Heun fitted, "
+                  "Euler selected) | seeds on RNE's grid (by fit) |", "|---" * (len(SOLVERS) + 3) + "|"]
         for nfe in args.nfe:
             cells = {solver: [run["fd"][solver][nfe] for run in runs if nfe in run["fd"][solver]]
                      for solver in SOLVERS}
             row = [mean_std(cells[solver]) if cells[solver] else "" for solver in SOLVERS]
-            verdicts = [("yes" if np.mean(cells[fitted]) <= np.mean(cells[formula]) else "**no**")
-                        for fitted, formula in ((FITTED, "euler"), (HEUN_FITTED, "heun")) if cells[fitted]]
-            on_formula = [", ".join(str(seed) for seed, run in zip(args.seeds, runs) if nfe not in run[key])
-                          for key in ("fitted_nfe", "heun_fitted_nfe")[: len(verdicts)]]
-            on_formula_text = "; ".join(on_formula) if any(on_formula) else ""
+            fits = [fitted for fitted in FORMULA_OF if cells[fitted]]  # Heun: odd NFE only
+            verdicts = [("yes" if np.mean(cells[fitted]) <= np.mean(cells[FORMULA_OF[fitted]]) else "**no**")
+                        if fitted in fits else "–" for fitted in FORMULA_OF]
+            on_formula = {fitted: ", ".join(str(seed) for seed, nfes in zip(args.seeds, kept[fitted])
+                                            if nfe not in nfes) for fitted in fits}
+            on_formula_text = "; ".join(f"{fitted}: {seeds}" for fitted, seeds in on_formula.items() if seeds)
             lines.append(f"| {nfe} | " + " | ".join(row) + f" | {', '.join(verdicts)} | {on_formula_text} |")
-        noise = fitted_schedules.sampling_noise(runs, args.nfe, FITTED)
-        lines += ["", f"Sampling noise of the fitted FD (pooled std over 2 sampling seeds): {noise:.2f}."]
-        for seed, run in zip(args.seeds, runs):
-            found = fitted_schedules.rises(run, args.nfe, FITTED)
-            text = ", ".join(f"NFE {low}->{low + 1}: +{rise:.2f}" for low, rise in found) or "none"
-            beyond = [rise for _, rise in found if rise > 2 * noise]
-            lines.append(f"- seed {seed}: FD rises with NFE: {text}; beyond 2x the noise: {len(beyond)}.")
+        for fitted, fitted_runs in ((FITTED, runs), (SELECTED, [run["select"] for run in runs])):
+            lines += ["", *fitted_schedules.no_hole_lines(args, fitted_runs, fitted)]
         lines.append("")
     lines += ["## The fit's teacher against RK45 (pixel FD, the fit's criterion, on "
               f"{args.teacher_check_samples} draws)", "",
@@ -167,8 +176,8 @@ def plot(args, results: dict, floor: float, path: Path) -> None:
         for solver in SOLVERS:
             nfes = [nfe for nfe in args.nfe if nfe in results[model][0]["fd"][solver]]
             values = np.array([[run["fd"][solver][nfe] for nfe in nfes] for run in results[model]])
-            style = {"linewidth": 2.5, "color": "black"} if solver == FITTED else {}
-            axis.errorbar(nfes, values.mean(0), yerr=values.std(0), label=solver, capsize=3, **style)
+            style = {FITTED: {"linewidth": 2.5, "color": "black"}, SELECTED: {"linewidth": 2, "color": "gray"}}
+            axis.errorbar(nfes, values.mean(0), yerr=values.std(0), label=solver, capsize=3, **style.get(solver, {}))
         axis.axhline(floor, color="gray", linestyle="--", label="real vs held-out")
         axis.set(title=f"rectified flow: {model}", xlabel="NFE (UNet calls)", yscale="log")
         axis.legend(fontsize=8)
