@@ -189,10 +189,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "pass the flag without values to keep the formula schedule (EDM: Karras; rectified flow: RNE's uniform grid).",
     )
     logs.add_argument(
-        "--fit_schedule_search", choices=SEARCHES, default="select",
-        help="select: the closest of a few formula schedules (Karras at several rho; for rectified flow the uniform "
-        "grid and its shifts), a small fraction of a training; descent: a coordinate descent from there, closer to "
-        "the teacher and several times the cost (README, Fitted schedules).",
+        "--fit_schedule_search", choices=SEARCHES, default="descent",
+        help="descent: the full search, closest to the teacher; select: the closest of a few formula schedules (and "
+        "the descent only where that gets no closer with one more call), a quarter to a third of the cost, with worse "
+        "schedules at some NFE (README, Fitted schedules).",
     )
     logs.add_argument(
         "--fit_schedule_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,

@@ -43,7 +43,7 @@ from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
 
 MODELS = ["rectified_flow", "qac"]
 FITTED, HEUN_FITTED = "euler_fitted", "heun_fitted"
-SELECTED = "euler_selected"  # fit_schedules(search="select"), train_qac.py's default
+SELECTED = "euler_selected"  # fit_schedules(search="select"), the cheaper search
 SOLVERS = ["euler", "heun", FITTED, HEUN_FITTED, SELECTED]
 FORMULA_OF = {FITTED: "euler", HEUN_FITTED: "heun", SELECTED: "euler"}  # each fit against its sampler on RNE's grid
 # Where each model's fitted Heun scheduler is kept (the fitted Euler one: fitted_scheduler/).
@@ -121,8 +121,9 @@ def markdown(args, results: dict, floor: float, accuracy: float) -> str:
         f"vs held-out: {floor:.2f}. Fits: `fit_schedules` with its defaults ({DEFAULT_SEARCH_SAMPLES} noise draws "
         f"in the search, {DEFAULT_VALIDATION_SAMPLES} in the validation, a Heun teacher of "
         f"{DEFAULT_TEACHER_STEPS - 1} calls; Heun fitted at the odd NFE); {SELECTED}: "
-        "`fit_schedules(search=\"select\")`, train_qac.py's default (the closest of RNE's grid and its shifts, no "
-        "descent). Seeds on RNE's grid: where the fit's validation kept the uniform grid, by fit.",
+        "`fit_schedules(search=\"select\")`, the cheaper search (the closest of RNE's grid and its shifts, and "
+        "the descent only where that is no closer to the teacher than at one call fewer). Seeds on RNE's grid: where "
+        "the fit's validation kept the uniform grid, by fit.",
         "",
     ]
     for model in MODELS:

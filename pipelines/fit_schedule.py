@@ -1,13 +1,13 @@
 """Fit the sampling schedule of a trained QAC (or baseline) model to the model, for a set of NFE.
 
     python pipelines/fit_schedule.py --model PATH --nfe 3 4 5 6 7 8 9 10
-    python pipelines/fit_schedule.py --model PATH --search select      # train_qac.py's cheap default
+    python pipelines/fit_schedule.py --model PATH --search select      # the cheaper search
     python pipelines/fit_schedule.py --model RECTIFIED_FLOW_PATH --scheduler heun --nfe 3 5 7 9
 
 The search (qac_diffusers/schedulers/schedule_fitting.py) runs the model's own sampler (iPNDM for EDM, Euler for
 rectified flow) on candidate schedules and keeps the one whose images are closest, as a distribution, to those of a
 converged teacher: a coordinate descent (the default), or with --search select the closest of a few formula
-schedules (train_qac.py's default, several times cheaper). The pipeline with the fitted schedules in its scheduler
+schedules (a quarter to a third of the cost). The pipeline with the fitted schedules in its scheduler
 config is saved back into the model folder (or into --output_dir), where QACPipeline uses them by default at the NFE
 they were fitted for and the formula schedule (Karras; RNE's uniform grid for rectified flow) at any other.
 """
@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="A folder written by train_qac.py or a Hub repo id.")
     parser.add_argument("--nfe", type=int, nargs="+", default=list(DEFAULT_FIT_NFE))
     parser.add_argument("--search", choices=SEARCHES, default="descent",
-                        help="descent: the full search; select: the closest start only (train_qac.py's default).")
+                        help="descent: the full search; select: the closest start, descending only where it gets no "
+                        "closer with one more call.")
     parser.add_argument("--num_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,
                         help="Noise draws the search compares candidates on.")
     parser.add_argument(

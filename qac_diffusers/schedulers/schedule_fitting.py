@@ -64,7 +64,7 @@ FIRST_STEP_DIVISORS = (2, 4, 8, 16, 32)
 FLOW_START_SHIFTS = (0.25, 0.5, 2.0)
 # "descent": a coordinate descent from the closest start (the full search); "select": the closest start itself, a
 # fit of a few model calls per start and NFE, and the descent only at an NFE where that start is not closer to the
-# teacher than the closest start for one call fewer (train_qac.py's default).
+# teacher than the closest start for one call fewer (`train_qac.py --fit_schedule_search select`).
 SEARCHES = ("descent", "select")
 # Sampler states kept for runs that share their first points (each: the sample, up to 4 derivatives, a model output).
 MAX_KEPT_STATES = 32
@@ -509,8 +509,8 @@ def fit_schedules(
     closer there: a schedule that won on the search's draws by their chance alone goes back to the formula. With
     `search="select"` the fitted schedule is the closest start, chosen with a few model calls per start, and the
     descent runs only at an NFE where that start is not closer to the teacher than the closest start for one call
-    fewer, fitted in the same call (`train_qac.py`'s default, a small fraction of a training; README "Fitted
-    schedules" compares the two).
+    fewer, fitted in the same call (a quarter to a third of the descent's cost; README "Fitted schedules" compares
+    the two).
     Everything is deterministic given `generator`.
 
     Args:
