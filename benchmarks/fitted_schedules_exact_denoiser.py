@@ -107,14 +107,15 @@ def main() -> None:
             eval_flow = Flow(*common, args.eval_samples, generator, args.reference_steps)
             validation_flow = Flow(*common, DEFAULT_VALIDATION_SAMPLES, generator, args.reference_steps)
             rows = results.setdefault(f"tau {tau:g} {kind}", {})
-            below = {"descent": (None, None), "select": (None, None)}  # each search's fit for one call fewer
+            fits = {"descent": None, "select": None}  # each search's fit, NFE after NFE as fit_schedules fits
             for nfe in sorted(args.nfe):
                 starts = karras_starts(IPNDMScheduler(**EDM), nfe)
                 karras = starts[0]
-                for search in below:  # as fit_schedules fits NFE after NFE
-                    previous = below[search] if nfe - 1 in rows else (None, None)
-                    below[search] = _fit_nfe(fit_flow.distance, starts, *previous, search, DEFAULT_LOG_STEPS)
-                (fitted, _), (selected, _) = below["descent"], below["select"]
+                below_starts = karras_starts(IPNDMScheduler(**EDM), nfe - 1) if nfe - 1 in rows else None
+                for search, below in fits.items():
+                    below = below[0] if below_starts is not None else None
+                    fits[search] = _fit_nfe(fit_flow.distance, starts, below, below_starts, search, DEFAULT_LOG_STEPS)
+                (fitted, _), (selected, _) = fits["descent"], fits["select"]
                 # as fit_schedules keeps them: only where closer than Karras on the validation's draws too
                 kept = {name: validation_flow.distance(sigmas) < validation_flow.distance(karras)
                         for name, sigmas in (("fitted", fitted), ("selected", selected))}
