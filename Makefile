@@ -24,7 +24,7 @@ test: install
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q
 
-# Train a small QAC model on the embedded digits and fit its sampling schedules (about 11-15 minutes on 2 CPU cores; a
+# Train a small QAC model on the embedded digits and fit its sampling schedules (about 9-15 minutes on 2 CPU cores; a
 # second run resumes and only re-samples), then sample a grid at 6 network evaluations.
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
