@@ -56,7 +56,7 @@ DEFAULT_LOG_STEPS = (0.5, 0.2)
 # The search's starts besides the formula (README "Fitted schedules"). EDM: the free first step (the analytical one;
 # without it, the first call's step) lands at sigma_max divided by each of these, and a Karras schedule (the config's
 # rho) runs from there to the last point: trajectories of trained models are nearly straight at high noise, where
-# Karras spends most of its steps (GITS' finding; our fits jump from 80 to 5-12). Rectified flow: the uniform grid with
+# Karras spends most of its steps (GITS' finding; our fits jump from 80 to 3-16). Rectified flow: the uniform grid with
 # diffusers' time shift t -> s t / (1 + (s - 1) t) (SD3's schedules), i.e. every sigma = t / (1 - t) times s, for these
 # s (the uniform grid, unlike Karras' rho = 7, is not tuned to few steps). The descent starts from the closest of the
 # formula and these; "select" keeps that closest one.
@@ -497,21 +497,20 @@ def fit_schedules(
     For each NFE, a coordinate descent starts from the closest of the formula schedule and its variants (Karras from
     sigma_max, and Karras after a first step to sigma_max / `FIRST_STEP_DIVISORS`; for rectified flow RNE's uniform
     grid and its shifts, `FLOW_START_SHIFTS`; see [`ScheduleDistance.search_starts`]) and moves one point at a time by
-    a factor `exp(+-log_step)`
-    in sigma (in t / (1 - t), EDM's sigma, for rectified flow), keeping a move when [`ScheduleDistance`] (the Frechet
-    distance between the sampler's images and a converged teacher's) drops. When the NFE one below is fitted in the
-    same call, the best of its schedules with one point inserted (the geometric mean of two neighbours) is a second
-    start if it is already closer than the first descent ended, and the closer result is kept. So a fitted schedule is
-    never further from the teacher than the formula; a second start alone could waste the new call (a point inserted
-    next to sigma_min changes nothing, and the descent from there stayed put on our digits baseline at NFE 5 and 6).
+    a factor `exp(+-log_step)` in sigma (in t / (1 - t), EDM's sigma, for rectified flow), keeping a move when
+    [`ScheduleDistance`] (the Frechet distance between the sampler's images and a converged teacher's) drops. When
+    the NFE one below is fitted in the same call, the best of its schedules with one point inserted (the geometric
+    mean of two neighbours) is a second start if it is already closer than the first descent ended, and the closer
+    result is kept. So a fitted schedule is never further from the teacher than the formula; a second start alone
+    could waste the new call (a point inserted next to sigma_min changes nothing, and the descent from there stayed
+    put on our digits baseline at NFE 5 and 6).
     Then, with `validate`, [`validate_schedules`] scores every fitted schedule and the formula again on
     `num_validation_samples` fresh draws of `generator`, and the scheduler keeps only the fitted schedules that are
     closer there: a schedule that won on the search's draws by their chance alone goes back to the formula. With
     `search="select"` the fitted schedule is the closest start, chosen with a few model calls per start, and the
     descent runs only at an NFE where that start is not closer to the teacher than the closest start for one call
     fewer, fitted in the same call (a quarter to a third of the descent's cost; README "Fitted schedules" compares
-    the two).
-    Everything is deterministic given `generator`.
+    the two). Everything is deterministic given `generator`.
 
     Args:
         pipeline ([`QACPipeline`]): A trained pipeline whose scheduler is an [`IPNDMScheduler`] (EDM) or a
