@@ -81,19 +81,23 @@ def test_insertions_add_one_geometric_mean_per_gap():
     assert only == pytest.approx([math.inf, 1.0, 0.5, 0.25])
 
 
+# Two basins of a distance: a poor one (0.3 at its bottom) around Karras-like schedules, a good one (0 at its bottom)
+# at a schedule fitted one NFE below with one point inserted.
+GOOD_BASIN = [80.0, 9.0, 0.9, math.sqrt(0.9 * 0.002), 0.002]
+POOR_BASIN = [80.0, 60.0, 40.0, 20.0, 0.002]
+
+
+def two_basin_distance(sigmas):
+    def log_distance(target):
+        return sum(abs(math.log(s) - math.log(t)) for s, t in zip(sigmas[1:-1], target[1:-1]))
+
+    return min(log_distance(GOOD_BASIN), 0.3 + log_distance(POOR_BASIN))
+
+
 def test_fit_one_keeps_the_better_of_the_two_descents():
-    # Two basins: a poor one (0.3 at its bottom) around the formula start, a good one (0 at its bottom) at a schedule
-    # fitted one NFE below with one point inserted. The descent from the formula stays in the poor basin; the second
-    # start finds the good one. A second start no better than where the first descent ended is not descended from.
-    good = [80.0, 9.0, 0.9, math.sqrt(0.9 * 0.002), 0.002]
-    poor = [80.0, 60.0, 40.0, 20.0, 0.002]
-
-    def distance(sigmas):
-        def log_distance(target):
-            return sum(abs(math.log(s) - math.log(t)) for s, t in zip(sigmas[1:-1], target[1:-1]))
-
-        return min(log_distance(good), 0.3 + log_distance(poor))
-
+    # The descent from the formula stays in the poor basin; the second start finds the good one. A second start no
+    # better than where the first descent ended is not descended from.
+    good, distance = GOOD_BASIN, two_basin_distance
     formula = [80.0, 50.0, 30.0, 15.0, 0.002]
     assert coordinate_descent(distance, formula, (0.5,))[1] >= 0.3  # in the poor basin
     fitted, best = _fit_one(distance, [formula], [80.0, 9.0, 0.9, 0.002], (0.5,))
@@ -418,20 +422,12 @@ def test_edm_search_starts_from_karras_schedules_after_longer_first_steps():
 
 
 def test_select_keeps_the_closest_start_unless_one_call_fewer_was_as_close():
-    # The distance of test_fit_one_keeps_the_better_of_the_two_descents: the closest start is in the poor basin (0.3 +)
-    good = [80.0, 9.0, 0.9, math.sqrt(0.9 * 0.002), 0.002]
-    poor = [80.0, 60.0, 40.0, 20.0, 0.002]
-
-    def distance(sigmas):
-        def log_distance(target):
-            return sum(abs(math.log(s) - math.log(t)) for s, t in zip(sigmas[1:-1], target[1:-1]))
-
-        return min(log_distance(good), 0.3 + log_distance(poor))
-
+    # The closest start is in the poor basin (0.3 +)
+    good, distance = GOOD_BASIN, two_basin_distance
     starts, below = [[80.0, 50.0, 30.0, 15.0, 0.002], [80.0, 55.0, 35.0, 18.0, 0.002]], [80.0, 9.0, 0.9, 0.002]
     closest = min(starts, key=distance)
     kept = (closest, distance(closest))
-    # starts for one call fewer: farther from the teacher than the closest start here, or closer (`poor`'s bottom)
+    # starts for one call fewer: farther from the teacher than the closest start here, or closer (POOR_BASIN's bottom)
     farther, as_close = [[80.0, 80.0, 60.0, 0.002]], [[80.0, 60.0, 40.0, 0.002]]
     assert distance(farther[0]) > distance(closest) and distance(as_close[0]) <= distance(closest)
     # closer than the closest start for one call fewer (or no such starts): the closest start, no descent
