@@ -306,9 +306,7 @@ def cost_table(args, results: dict) -> list[str]:
     training_images = args.max_train_steps * args.train_batch_size
     for model in args.models:
         for seed, run in zip(args.seeds, results[model]):
-            for search, facts in (("", run["fit"]), (", select", run.get("select", {}).get("fit"))):
-                if facts is None:  # rectified flow's benchmark fits by descent only
-                    continue
+            for search, facts in (("", run["fit"]), (", select", run["select"]["fit"])):
                 ratio = facts["seconds"] / run["training_seconds"]
                 lines.append(f"| {model}-seed{seed}{search} | {facts['seconds']:.0f} | {facts['num_model_calls']} + "
                              f"{facts['num_validation_model_calls']} | "

@@ -8,10 +8,10 @@ the analytical first step, fixed weights: the library's default sampler) is fitt
 criterion (`coordinate_descent` of the pixel Frechet distance to converged samples from the closest of the Karras
 schedule and its variants with a longer first step, `karras_starts`, with `fit_schedules`' default steps and noise
 draws, 64) and selected (`search="select"`: that closest start, with the descent where it is no closer than the
-NFE one below), each kept only where it is closer than Karras on 256
-fresh draws too (the library's validation), and evaluated on 1024 other draws against the converged solution of the
-same ODE (RK4, the exact benchmark's reference): the RMS error per sample, which a schedule fitted to the distribution
-need not lower, and the Frechet distance of the samples to the converged ones, which it should. diffusers' solvers
+NFE one below), each kept only where it is closer than Karras on 256 fresh draws too (the library's validation), and
+evaluated on 1024 other draws against the converged solution of the same ODE (RK4, the exact benchmark's reference):
+the RMS error per sample, which a schedule fitted to the distribution need not lower, and the Frechet distance of the
+samples to the converged ones, which it should. diffusers' solvers
 are not fitted: `EDMDPMSolverMultistepScheduler.set_timesteps` takes no schedule in diffusers 0.42.1.
 
 Writes benchmarks/results/fitted_schedules_exact_denoiser.{md,json}.
@@ -108,14 +108,16 @@ def main() -> None:
             validation_flow = Flow(*common, DEFAULT_VALIDATION_SAMPLES, generator, args.reference_steps)
             rows = results.setdefault(f"tau {tau:g} {kind}", {})
             fits = {"descent": None, "select": None}  # each search's fit, NFE after NFE as fit_schedules fits
+            previous_starts = None
             for nfe in sorted(args.nfe):
                 starts = karras_starts(IPNDMScheduler(**EDM), nfe)
                 karras = starts[0]
-                below_starts = karras_starts(IPNDMScheduler(**EDM), nfe - 1) if nfe - 1 in rows else None
+                below_starts = previous_starts if nfe - 1 in rows else None
                 for search, below in fits.items():
                     below = below[0] if below_starts is not None else None
                     fits[search] = _fit_nfe(fit_flow.distance, starts, below, below_starts, search, DEFAULT_LOG_STEPS)
                 (fitted, _), (selected, _) = fits["descent"], fits["select"]
+                previous_starts = starts
                 # as fit_schedules keeps them: only where closer than Karras on the validation's draws too
                 kept = {name: validation_flow.distance(sigmas) < validation_flow.distance(karras)
                         for name, sigmas in (("fitted", fitted), ("selected", selected))}

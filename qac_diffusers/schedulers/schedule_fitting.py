@@ -538,17 +538,19 @@ def fit_schedules(
     )
     distance = ScheduleDistance(pipeline, num_samples, teacher_steps, generator)
     searched, formula_distances, fitted_distances = [], {}, {}
+    previous_starts = None
     bar = tqdm(sorted(num_inference_steps), desc="Fitting schedules", disable=not progress_bar)
     for nfe in bar:
         starts = distance.search_starts(nfe)
         formula_distances[nfe] = distance.search_distance(starts[0])
         below, below_starts = None, None
         if nfe - 1 in fitted_distances:  # the fit and the starts for one call fewer
-            below, below_starts = searched[-1], distance.search_starts(nfe - 1)
+            below, below_starts = searched[-1], previous_starts
         sigmas, fitted_distances[nfe] = _fit_nfe(
             distance.search_distance, starts, below, below_starts, search, log_steps
         )
         searched.append(sigmas)
+        previous_starts = starts
         bar.set_postfix(nfe=nfe, formula=f"{formula_distances[nfe]:.3g}", fitted=f"{fitted_distances[nfe]:.3g}")
     fitted = [distance.from_search(sigmas) for sigmas in searched]
     validation, num_validation_model_calls = ({}, {}), 0
