@@ -42,6 +42,7 @@ from qac_diffusers.models.gaussian_condition_encoder import check_prior_weight
 from qac_diffusers.models.noise_encoder import PAPER_BETA
 from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_FIT_NFE,
+    DEFAULT_SEARCH,
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_VALIDATION_SAMPLES,
     SEARCHES,
@@ -189,10 +190,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "pass the flag without values to keep the formula schedule (EDM: Karras; rectified flow: RNE's uniform grid).",
     )
     logs.add_argument(
-        "--fit_schedule_search", choices=SEARCHES, default="descent",
-        help="descent: the full search, closest to the teacher; select: the closest of a few formula schedules (and "
-        "the descent only where that gets no closer with one more call), a quarter to a third of the cost, with worse "
-        "schedules at some NFE (README, Fitted schedules).",
+        "--fit_schedule_search", choices=SEARCHES, default=DEFAULT_SEARCH,
+        help="bounded: the descent from the closest of a few formula schedules, stopped after a few moves (under 5%% "
+        "of a digits training); descent: the full search, 2-4x the cost; select: the closest of those formula "
+        "schedules (and the full descent only where that gets no closer with one more call), with worse schedules at "
+        "some NFE (README, Fitted schedules).",
     )
     logs.add_argument(
         "--fit_schedule_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,

@@ -1,15 +1,16 @@
 """Fit the sampling schedule of a trained QAC (or baseline) model to the model, for a set of NFE.
 
     python pipelines/fit_schedule.py --model PATH --nfe 3 4 5 6 7 8 9 10
-    python pipelines/fit_schedule.py --model PATH --search select      # the cheaper search
+    python pipelines/fit_schedule.py --model PATH --search descent     # the full search, 2-4x the cost
     python pipelines/fit_schedule.py --model RECTIFIED_FLOW_PATH --scheduler heun --nfe 3 5 7 9
 
 The search (qac_diffusers/schedulers/schedule_fitting.py) runs the model's own sampler (iPNDM for EDM, Euler for
 rectified flow) on candidate schedules and keeps the one whose images are closest, as a distribution, to those of a
-converged teacher: a coordinate descent (the default), or with --search select the closest of a few formula
-schedules (a quarter to a third of the cost). The pipeline with the fitted schedules in its scheduler
-config is saved back into the model folder (or into --output_dir), where QACPipeline uses them by default at the NFE
-they were fitted for and the formula schedule (Karras; RNE's uniform grid for rectified flow) at any other.
+converged teacher: a coordinate descent from the closest of a few formula schedules, stopped after a few moves (the
+default, "bounded"), or run to its end (--search descent), or only that closest schedule (--search select). The
+pipeline with the fitted schedules in its scheduler config is saved back into the model folder (or into --output_dir),
+where QACPipeline uses them by default at the NFE they were fitted for and the formula schedule (Karras; RNE's uniform
+grid for rectified flow) at any other.
 """
 
 import argparse
@@ -21,6 +22,7 @@ import torch
 from qac_diffusers import QACPipeline
 from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_FIT_NFE,
+    DEFAULT_SEARCH,
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_TEACHER_STEPS,
     DEFAULT_VALIDATION_SAMPLES,
@@ -33,9 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="A folder written by train_qac.py or a Hub repo id.")
     parser.add_argument("--nfe", type=int, nargs="+", default=list(DEFAULT_FIT_NFE))
-    parser.add_argument("--search", choices=SEARCHES, default="descent",
-                        help="descent: the full search; select: the closest start, descending only where it gets no "
-                        "closer with one more call.")
+    parser.add_argument("--search", choices=SEARCHES, default=DEFAULT_SEARCH,
+                        help="bounded: the descent from the closest start, stopped after a few moves (the default); "
+                        "descent: the full search, 2-4x the cost; select: the closest start, descending only where it "
+                        "gets no closer with one more call.")
     parser.add_argument("--num_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,
                         help="Noise draws the search compares candidates on.")
     parser.add_argument(

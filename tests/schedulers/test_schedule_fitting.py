@@ -18,12 +18,14 @@ from qac_diffusers.schedulers import (
     solver_from_config,
 )
 from qac_diffusers.schedulers.schedule_fitting import (
+    BOUNDED_DESCENT_TRIALS,
     DEFAULT_LOG_STEPS,
     FLOW_START_SHIFTS,
     ScheduleDistance,
     _fit_nfe,
     _fit_one,
     _insertions,
+    closest_start,
     coordinate_descent,
     fit_schedules,
     karras_starts,
@@ -40,11 +42,16 @@ FIT_KWARGS = {**FIT_SETTINGS, "num_validation_samples": 6}  # fit_schedules: the
 
 @pytest.fixture(scope="module")
 def fitted():
-    """A tiny pipeline, its schedules fitted at NFE 1 and 2, and the number of UNet calls the fit made."""
+    """
+    A tiny pipeline, its schedules fitted at NFE 1 and 2 by the full descent (run until no move improves), and the
+    number of UNet calls the fit made.
+    """
     pipe = make_tiny_pipeline()
     calls = []
     hook = pipe.unet.register_forward_hook(lambda *_: calls.append(1))
-    output = fit_schedules(pipe, FIT_NFES, **FIT_SETTINGS, generator=seeded(0), validate=False, progress_bar=False)
+    output = fit_schedules(
+        pipe, FIT_NFES, **FIT_SETTINGS, generator=seeded(0), search="descent", validate=False, progress_bar=False
+    )
     hook.remove()
     return pipe, output, len(calls)
 
@@ -69,6 +76,26 @@ def test_descent_keeps_the_schedule_ordered():
     # The optimum of this distance is out of order (the second point above the first): the descent must stop short.
     found, _ = coordinate_descent(lambda s: (s[1] - 0.5) ** 2 + (s[2] - 5.0) ** 2, [80.0, 10.0, 1.0, 0.002], (0.5,))
     assert found[0] > found[1] > found[2] > found[3]
+
+
+def test_descent_scores_at_most_max_trials_moves():
+    # The unbounded descent on this distance scores many moves; bounded, it scores the start and `max_trials` moves,
+    # and returns the best of those, which is the unbounded descent's path cut short.
+    def distance(sigmas):
+        scored.append(list(sigmas))
+        return sum((math.log(s) - math.log(t)) ** 2 for s, t in zip(sigmas[1:-1], [3.3, 0.07]))
+
+    start = [80.0, 10.0, 1.0, 0.002]
+    scored = []
+    unbounded = coordinate_descent(distance, start, (0.5, 0.2))
+    path = list(scored)
+    assert len(path) > 12
+    for max_trials in (0, 1, 5, 12):
+        scored = []
+        found, best = coordinate_descent(distance, start, (0.5, 0.2), max_trials)
+        assert scored == path[: max_trials + 1]
+        assert best == min(distance(sigmas) for sigmas in path[: max_trials + 1]) > unbounded[1]
+        assert best == distance(found)
 
 
 def test_insertions_add_one_geometric_mean_per_gap():
@@ -141,12 +168,16 @@ def test_distance_scores_a_schedule_once():
 
 def test_fit_is_deterministic_and_never_worse_than_the_formula(fitted):
     pipe, output, calls = fitted
-    again = fit_schedules(
-        make_tiny_pipeline(), FIT_NFES, **FIT_SETTINGS, generator=seeded(0), validate=False, progress_bar=False
-    )
+    again = fit_schedules(make_tiny_pipeline(), FIT_NFES, **FIT_SETTINGS, generator=seeded(0), search="descent",
+                          validate=False, progress_bar=False)
     assert again.scheduler.config.fitted_sigmas == output.scheduler.config.fitted_sigmas
+    # the default, bounded search: deterministic too, and between the formula and the full descent (its descent is
+    # the full one's first, cut short)
+    bounded = [fit_schedules(make_tiny_pipeline(), FIT_NFES, **FIT_SETTINGS, generator=seeded(0), validate=False,
+                             progress_bar=False) for _ in range(2)]
+    assert bounded[0].scheduler.config.fitted_sigmas == bounded[1].scheduler.config.fitted_sigmas
     for nfe in FIT_NFES:
-        assert output.fitted_distances[nfe] <= output.formula_distances[nfe]
+        assert output.fitted_distances[nfe] <= bounded[0].fitted_distances[nfe] <= output.formula_distances[nfe]
     assert output.num_model_calls == calls
 
 
@@ -178,7 +209,7 @@ def test_validation_keeps_the_schedules_that_are_closer_on_fresh_draws(fitted):
     distance = ScheduleDistance(pipe, **FIT_SETTINGS, generator=seeded(5))
     assert validate_schedules(pipe, [distance.formula_sigmas(2)], **FIT_SETTINGS, generator=seeded(5))[0] == []
 
-    validated = fit_schedules(pipe, FIT_NFES, **FIT_KWARGS, generator=seeded(0), progress_bar=False)
+    validated = fit_schedules(pipe, FIT_NFES, **FIT_KWARGS, generator=seeded(0), search="descent", progress_bar=False)
     assert validated.fitted_distances == output.fitted_distances  # the same search, then the validation
     closer = [nfe for nfe in FIT_NFES
               if validated.validation_fitted_distances[nfe] < validated.validation_formula_distances[nfe]]
@@ -284,7 +315,7 @@ def test_scheduler_refuses_bad_fitted_schedules(fitted_sigmas, message):
         ({"num_inference_steps": [5], "teacher_steps": 5}, "must exceed the largest NFE fitted"),
         ({"num_inference_steps": [3], "num_samples": 1}, "`num_samples` must be an integer >= 2"),
         ({"num_inference_steps": [3], "num_validation_samples": 1.5}, "`num_validation_samples` must be an integer"),
-        ({"num_inference_steps": [3], "search": "grid"}, "must be one of 'descent', 'select', got 'grid'"),
+        ({"num_inference_steps": [3], "search": "grid"}, "must be one of 'bounded', 'descent', got 'grid'"),
     ],
 )
 def test_fit_refuses_bad_input(kwargs, message):
@@ -317,7 +348,7 @@ def load_script(name: str):
 
 
 def test_fit_schedule_script_writes_the_model_folders_scheduler(fitted, tmp_path, capsys):
-    pipe, output, _ = fitted
+    pipe, _, _ = fitted
     pipe.save_pretrained(tmp_path / "model")
     script = load_script("fit_schedule")
     script.main(["--model", str(tmp_path / "model"), "--nfe", "2", "1", "--num_samples", "6", "--teacher_steps", "3",
@@ -326,17 +357,17 @@ def test_fit_schedule_script_writes_the_model_folders_scheduler(fitted, tmp_path
     validated = fit_schedules(pipe, [1, 2], **FIT_KWARGS, generator=seeded(0), progress_bar=False)
     assert loaded.scheduler.config.fitted_sigmas == validated.scheduler.config.fitted_sigmas  # same seed, same fit
     printed = capsys.readouterr().out
-    assert "UNet calls" in printed and f"{output.fitted_distances[2]:<10.4g}" in printed
+    assert "UNet calls" in printed and f"{validated.fitted_distances[2]:<10.4g}" in printed
     assert f"{validated.validation_fitted_distances[2]:<10.4g}" in printed
 
     with pytest.raises(SystemExit, match="pass --output_dir"):
         script.main(["--model", "user/not-a-folder"])
     script.main(["--model", str(tmp_path / "model"), "--nfe", "2", "--num_samples", "6", "--teacher_steps", "3",
-                 "--validation_samples", "6", "--device", "cpu", "--search", "select", "--output_dir",
-                 str(tmp_path / "selected")])
-    selected = fit_schedules(pipe, [2], **FIT_KWARGS, generator=seeded(0), search="select", progress_bar=False)
-    assert QACPipeline.from_pretrained(tmp_path / "selected").scheduler.config.fitted_sigmas == (
-        selected.scheduler.config.fitted_sigmas
+                 "--validation_samples", "6", "--device", "cpu", "--search", "descent", "--output_dir",
+                 str(tmp_path / "descent")])
+    descent = fit_schedules(pipe, [2], **FIT_KWARGS, generator=seeded(0), search="descent", progress_bar=False)
+    assert QACPipeline.from_pretrained(tmp_path / "descent").scheduler.config.fitted_sigmas == (
+        descent.scheduler.config.fitted_sigmas
     )
 
 
@@ -412,49 +443,42 @@ def test_edm_search_starts_from_karras_schedules_after_longer_first_steps():
     formula, *others = distance.search_starts(2)
     assert formula == distance.formula_sigmas(2) == pytest.approx([80.0, 9.7232, 0.47, 0.002], abs=1e-4)
     # the free first step lands at 80 / q, then Karras (rho 7) from there: 2 calls on 3 points
-    expected = [[80.0, *karras_sigmas(3, 0.002, 80.0 / q, 7.0).tolist()] for q in (2, 4, 8, 16, 32)]
+    expected = [[80.0, *karras_sigmas(3, 0.002, 80.0 / q, 7.0).tolist()] for q in (4, 8, 16, 32)]
     assert others == [pytest.approx(start) for start in expected]
     assert others[-1] == pytest.approx([80.0, 2.5, 0.1690, 0.002], abs=1e-4)
     # without the analytical first step the first call is at sigma_max, and the formula is the only start at 1 call
     no_afs = IPNDMScheduler(analytical_first_step=False)
-    assert karras_starts(no_afs, 2)[1] == pytest.approx([80.0, 40.0, 0.002])
+    assert karras_starts(no_afs, 2)[1] == pytest.approx([80.0, 20.0, 0.002])
     assert karras_starts(no_afs, 1) == [pytest.approx([80.0, 0.002])]
 
 
-def test_select_keeps_the_closest_start_unless_one_call_fewer_was_as_close():
-    # The closest start is in the poor basin (0.3 +)
-    good, distance = GOOD_BASIN, two_basin_distance
-    starts, below = [[80.0, 50.0, 30.0, 15.0, 0.002], [80.0, 55.0, 35.0, 18.0, 0.002]], [80.0, 9.0, 0.9, 0.002]
+def test_bounded_search_is_the_descent_from_the_closest_start_cut_short():
+    # The closest start is in the poor basin: the bounded search descends from it for BOUNDED_DESCENT_TRIALS moves,
+    # with no second start from `below` (which the full descent takes to the good basin)
+    distance, below = two_basin_distance, [80.0, 9.0, 0.9, 0.002]
+    starts = [[80.0, 79.0, 78.0, 0.5, 0.002], [80.0, 79.5, 78.5, 0.4, 0.002]]
     closest = min(starts, key=distance)
-    kept = (closest, distance(closest))
-    # starts for one call fewer: farther from the teacher than the closest start here, or closer (POOR_BASIN's bottom)
-    farther, as_close = [[80.0, 80.0, 60.0, 0.002]], [[80.0, 60.0, 40.0, 0.002]]
-    assert distance(farther[0]) > distance(closest) and distance(as_close[0]) <= distance(closest)
-    # closer than the closest start for one call fewer (or no such starts): the closest start, no descent
-    assert _fit_nfe(distance, starts, below, farther, "select", (0.5,)) == kept
-    assert _fit_nfe(distance, starts, None, None, "select", (0.5,)) == kept
-    # no closer: the descent, which finds the good basin from `below` with a point inserted
-    for search, below_starts in (("select", as_close), ("descent", farther)):
-        fitted, best = _fit_nfe(distance, starts, below, below_starts, search, (0.5,))
-        assert fitted == pytest.approx(good) and best == pytest.approx(0.0)
+    bounded = _fit_nfe(distance, starts, below, "bounded", (0.5,))
+    assert bounded == coordinate_descent(distance, closest, (0.5,), BOUNDED_DESCENT_TRIALS)
+    assert distance(closest) > bounded[1] > coordinate_descent(distance, closest, (0.5,))[1] >= 0.3
+    assert _fit_nfe(distance, starts, below, "descent", (0.5,))[1] == pytest.approx(0.0)
 
 
-def test_select_search_keeps_the_closest_start_on_a_pipeline():
+def test_bounded_search_on_a_pipeline_descends_from_the_closest_start_within_its_trials():
     pipe = make_tiny_pipeline()
+    output = fit_schedules(pipe, FIT_NFES, **FIT_SETTINGS, generator=seeded(0), validate=False, progress_bar=False)
+    # the same steps on a distance with the same draws: the formula scored first, then the bounded descent from the
+    # closest start; the same schedules, distances and UNet calls
     distance = ScheduleDistance(pipe, **FIT_SETTINGS, generator=seeded(0))
-    starts = {nfe: distance.search_starts(nfe) for nfe in FIT_NFES}
-    output = fit_schedules(
-        pipe, FIT_NFES, **FIT_SETTINGS, generator=seeded(0), search="select", validate=False, progress_bar=False
-    )
-    closest = {nfe: min(starts[nfe], key=distance) for nfe in FIT_NFES}
-    assert distance(closest[2]) < distance(closest[1])  # so that NFE 2 keeps its closest start too
     for nfe, sigmas in zip(FIT_NFES, output.scheduler.config.fitted_sigmas):
-        assert sigmas == closest[nfe] and output.fitted_distances[nfe] == pytest.approx(distance(closest[nfe]))
-        assert output.fitted_distances[nfe] <= output.formula_distances[nfe]
-    # the teacher's 3 calls, then each start's NFE calls, except the first call of NFE 2's starts after a longer first
-    # step: NFE 1's start with the same first step made it
-    assert len(starts[1]) == len(starts[2]) == 6
-    assert output.num_model_calls == distance.num_model_calls == 3 + 1 * 6 + 2 * 6 - 5
+        starts = distance.search_starts(nfe)
+        assert output.formula_distances[nfe] == distance(starts[0])
+        closest, _ = closest_start(distance, starts)
+        assert (sigmas, output.fitted_distances[nfe]) == coordinate_descent(
+            distance, closest, DEFAULT_LOG_STEPS, BOUNDED_DESCENT_TRIALS
+        )
+        assert output.fitted_distances[nfe] < output.formula_distances[nfe]
+    assert output.num_model_calls == distance.num_model_calls
 
 
 def test_flow_distance_runs_the_pipelines_euler_and_a_heun_teacher():

@@ -324,12 +324,12 @@ def test_fits_the_sampling_schedules_after_training(tmp_path, monkeypatch, capsy
     flags = ["--max_train_steps", "2", "--fit_schedule_nfe", "2", "1", "--fit_schedule_samples", "16",
              "--fit_schedule_validation_samples", "12"]
     searches, fit_schedules = [], train_qac.fit_schedules
-    with monkeypatch.context() as patch:  # train_qac.py's default search: the descent
+    with monkeypatch.context() as patch:  # train_qac.py's default search: the bounded descent
         patch.setattr(train_qac, "fit_schedules", lambda *args, **kwargs: searches.append(kwargs["search"])
                       or fit_schedules(*args, **kwargs))
         train(tmp_path, *flags)
     fit = json.loads((tmp_path / "training_summary.json").read_text())["schedule_fit"]
-    assert searches == ["descent"] and fit["settings"]["search"] == "descent"
+    assert searches == ["bounded"] and fit["settings"]["search"] == "bounded"
     assert 0 < fit["seconds"] and 0 < fit["training_seconds"]
     assert all(fit["fitted_distances"][nfe] <= fit["formula_distances"][nfe] for nfe in ("1", "2"))
     kept = [nfe for nfe in (1, 2)
@@ -350,7 +350,7 @@ def test_fits_the_sampling_schedules_after_training(tmp_path, monkeypatch, capsy
     assert json.loads((tmp_path / "training_summary.json").read_text())["schedule_fit"] == fit
     assert QACPipeline.from_pretrained(tmp_path).scheduler.config.fitted_sigmas == pipe.scheduler.config.fitted_sigmas
     # other fit settings fit again
-    for other in (["--fit_schedule_search", "select"], [*flags[-2:-1], "13"]):
+    for other in (["--fit_schedule_search", "descent"], [*flags[-2:-1], "13"]):
         with monkeypatch.context() as patch, pytest.raises(AssertionError, match="fitted again"):
             patch.setattr(train_qac, "fit_schedules", refuse)
             train(tmp_path, *flags, *other, "--resume_from_checkpoint", "latest")
