@@ -227,8 +227,9 @@ class QACUNet2DModel(UNet2DModel):
 
         if class_labels is not None:
             raise ValueError("This QACUNet2DModel takes a code and no class conditioning: pass `class_labels=None`.")
-        # The code embedding sits in the class-embedding slot, so the code goes in as the class labels.
-        code = self._check_code(code, sample).to(self.dtype)
+        # The code embedding sits in the class-embedding slot, so the code goes in as the class labels; the sample has
+        # the model's dtype (`self.dtype` walks every module, a tenth of a small model's call on CPU).
+        code = self._check_code(code, sample).to(sample.dtype)
         return super().forward(sample, timestep, class_labels=code, return_dict=return_dict)
 
     def _check_code(self, code: torch.Tensor | None, sample: torch.Tensor) -> torch.Tensor:
