@@ -1,19 +1,20 @@
 """Fitted sampling schedules against the Karras schedule on the digits few-step benchmark (README "Fitted schedules").
 
 For every model of benchmarks/few_step_quality.py (QAC and the baseline, 3 seeds; trained if missing), fit its iPNDM
-schedule with `fit_schedules` and the defaults train_qac.py uses (NFE 3..10), then measure the Frechet distance (FD)
-of 2000 samples to the held-out split, in the digits-classifier features, for: iPNDM on the fitted schedules, and
-today's three solvers on the Karras schedule (fixed-weight iPNDM, variable-step iPNDM, DPM++2M). Also measured:
-the FD's own sampling noise (the fitted sampler resampled with other seeds), whether the fitted FD rises from one NFE
-to the next by more than that noise, the baseline with the Karras schedule at 5x the NFE (the moonshot), and the
-seconds each fit took next to the model's training time. And the converged sampler: the fit's teacher (variable-step
-iPNDM at 64 calls) from the same noise, with its own distance to the same sampler at 4x the calls, which a fitted
-schedule approaches as it approaches the teacher.
+schedule with `fit_schedules` (NFE 3..10) by its two searches, the bounded descent (the default, also train_qac.py's)
+and the full descent, then measure the Frechet distance (FD) of 2000 samples to the held-out split, in the digits-
+classifier features, for: iPNDM on the fitted schedules, and today's three solvers on the Karras schedule (fixed-
+weight iPNDM, variable-step iPNDM, DPM++2M). Also measured: the FD's own sampling noise (the fitted sampler resampled
+with other seeds), whether the fitted FD rises from one NFE to the next by more than that noise, the baseline with
+the Karras schedule at 5x the NFE (the moonshot), and the seconds each fit took next to the model's training time.
+And the converged sampler: the fit's teacher (variable-step iPNDM at 64 calls) from the same noise, with its own
+distance to the same sampler at 4x the calls, which a fitted schedule approaches as it approaches the teacher.
 
     python benchmarks/fitted_schedules.py --work_dir benchmarks/work     # reuses few_step_quality.py's models
 
 Writes benchmarks/results/fitted_schedules_digits.{md,json,png}. Resumable: each fit is saved beside its model
-(fitted_scheduler/) and each FD in the model's benchmark_measurements.json, under the keys few_step_quality.py uses.
+(fitted_scheduler/, bounded_scheduler/) and each FD in the model's benchmark_measurements.json, under the keys
+few_step_quality.py uses.
 """
 
 import argparse
@@ -35,6 +36,7 @@ from qac_diffusers import QACPipeline  # noqa: E402
 from qac_diffusers.metrics import extract_features, frechet_distance, train_feature_classifier  # noqa: E402
 from qac_diffusers.schedulers import solver_from_config  # noqa: E402
 from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
+    BOUNDED_DESCENT_TRIALS,
     DEFAULT_FIT_NFE,
     DEFAULT_LOG_STEPS,
     DEFAULT_SEARCH_SAMPLES,
@@ -48,9 +50,13 @@ from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
 
 
 KARRAS_SOLVERS = ["ipndm", "ipndm_variable", "dpmsolver2"]
-FITTED = "ipndm_fitted"  # fit_schedules' descent (its default)
-SELECTED = "ipndm_selected"  # fit_schedules(search="select"), the cheaper search
-FIT_FOLDERS = {FITTED: "fitted_scheduler", SELECTED: "selected_scheduler"}
+FITTED = "ipndm_fitted"  # fit_schedules(search="descent"), the full search
+BOUNDED = "ipndm_bounded"  # fit_schedules(search="bounded"), its default
+FIT_FOLDERS = {FITTED: "fitted_scheduler", BOUNDED: "bounded_scheduler"}
+# Each fit's search and validation draws: the descent's fits were made (and cached) when the validation's default was
+# 256 draws, before stop 23; the bounded search runs with the library's defaults.
+FIT_SETTINGS = {FITTED: {"search": "descent", "num_validation_samples": 256},
+                BOUNDED: {"search": "bounded", "num_validation_samples": DEFAULT_VALIDATION_SAMPLES}}
 TEACHER = "teacher"  # the fit's teacher, at DEFAULT_TEACHER_STEPS calls
 TEACHER_CHECK_DRAWS = 256  # noise draws of the teacher's convergence check
 
@@ -71,22 +77,23 @@ def parse_args() -> argparse.Namespace:
     return argparse.Namespace(**{**training, **vars(parser.parse_args())})
 
 
-def fitted_scheduler(
-    model_dir: Path, pipe: QACPipeline, seed: int, name: str = FIT_FOLDERS[FITTED], nfe=None, search: str = "descent"
-):
+def fitted_scheduler(model_dir: Path, pipe: QACPipeline, seed: int, name: str = FIT_FOLDERS[FITTED], nfe=None,
+                     kind: str = FITTED):
     """
     The pipeline's scheduler fitted to the model (iPNDM; Euler or Heun for rectified flow) at `nfe` (the library's
-    default NFE when `None`) by `search`: fitted once with the library's defaults and kept in model_dir/`name`.
+    default NFE when `None`) with `FIT_SETTINGS[kind]` and otherwise the library's defaults: fitted once and kept in
+    model_dir/`name`.
     """
     folder = model_dir / name
     if not (folder / "scheduler_config.json").is_file():
         started = time.perf_counter()
         fit = fit_schedules(
-            pipe, nfe or DEFAULT_FIT_NFE, generator=torch.Generator().manual_seed(seed), search=search
+            pipe, nfe or DEFAULT_FIT_NFE, generator=torch.Generator().manual_seed(seed), **FIT_SETTINGS[kind]
         )
         seconds = time.perf_counter() - started
         facts = {"seconds": seconds, "num_model_calls": fit.num_model_calls,
-                 "num_validation_model_calls": fit.num_validation_model_calls, "images_denoised": images_denoised(fit),
+                 "num_validation_model_calls": fit.num_validation_model_calls,
+                 "images_denoised": images_denoised(fit, FIT_SETTINGS[kind]["num_validation_samples"]),
                  "formula_distances": fit.formula_distances, "fitted_distances": fit.fitted_distances,
                  "validation_formula_distances": fit.validation_formula_distances,
                  "validation_fitted_distances": fit.validation_fitted_distances}
@@ -99,9 +106,9 @@ def fitted_scheduler(
     return fitted_scheduler_class(pipe.scheduler).from_pretrained(folder)
 
 
-def images_denoised(fit) -> int:
-    """The images the fit's UNet calls denoised, search and validation, at the library's default draws."""
-    return fit.num_model_calls * DEFAULT_SEARCH_SAMPLES + fit.num_validation_model_calls * DEFAULT_VALIDATION_SAMPLES
+def images_denoised(fit, validation_samples: int) -> int:
+    """The images the fit's UNet calls denoised: the search's at the default draws, the validation's at its own."""
+    return fit.num_model_calls * DEFAULT_SEARCH_SAMPLES + fit.num_validation_model_calls * validation_samples
 
 
 def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features) -> dict:
@@ -115,11 +122,11 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
     samplers[FITTED] = (fitted_scheduler(model_dir, pipe, seed), args.nfe)
     results = measure_samplers(args, model_dir, pipe, seed, samplers, FITTED, classifier, heldout_features)
     pipe.scheduler = karras
-    selected = {SELECTED: (fitted_scheduler(model_dir, pipe, seed, FIT_FOLDERS[SELECTED], search="select"), args.nfe)}
-    results["select"] = measure_samplers(
-        args, model_dir, pipe, seed, selected, SELECTED, classifier, heldout_features, FIT_FOLDERS[SELECTED]
+    bounded = {BOUNDED: (fitted_scheduler(model_dir, pipe, seed, FIT_FOLDERS[BOUNDED], kind=BOUNDED), args.nfe)}
+    results["bounded"] = measure_samplers(
+        args, model_dir, pipe, seed, bounded, BOUNDED, classifier, heldout_features, FIT_FOLDERS[BOUNDED]
     )
-    results["fd"][SELECTED] = results["select"]["fd"][SELECTED]
+    results["fd"][BOUNDED] = results["bounded"]["fd"][BOUNDED]
     pipe.scheduler = karras
     key = f"teacher pixel frechet_distance to {4 * DEFAULT_TEACHER_STEPS} calls {TEACHER_CHECK_DRAWS} draws"
     results["teacher_error"] = few_step.cached(model_dir, key, teacher_error, pipe)
@@ -212,32 +219,34 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
         f"Models: benchmarks/few_step_quality.py's (preset tiny, 2500 steps at batch 128, seeds {args.seeds}). FD of "
         f"{args.num_samples} samples to the held-out split in the digits-classifier features (held-out accuracy "
         f"{accuracy:.3f}), mean ± std over seeds; real training split vs held-out: {floor:.2f}. Fits: "
-        f"`fit_schedules` with its defaults ({DEFAULT_SEARCH_SAMPLES} noise draws in the search, "
-        f"{DEFAULT_VALIDATION_SAMPLES} in the validation, {DEFAULT_TEACHER_STEPS}-call teacher, log steps "
-        f"{'/'.join(map(str, DEFAULT_LOG_STEPS))}); {SELECTED}: `fit_schedules(search=\"select\")`, the cheaper "
-        "search (the closest of Karras and Karras after a first step to 80 / 2, 4, 8, 16, 32, and the descent only "
-        "where that is no closer to the teacher than at one call fewer). "
-        f"Seeds on Karras: where the fit's validation kept the formula, so that {FITTED} or {SELECTED} is iPNDM on "
+        f"`fit_schedules` ({DEFAULT_SEARCH_SAMPLES} noise draws in the search, {DEFAULT_TEACHER_STEPS}-call "
+        f"teacher, log steps {'/'.join(map(str, DEFAULT_LOG_STEPS))}); {BOUNDED}: its default search, \"bounded\" "
+        "(the descent from the closest of Karras and Karras after a first step to 80 / 4, 8, 16, 32, stopped after "
+        f"{BOUNDED_DESCENT_TRIALS} moves; validation on {FIT_SETTINGS[BOUNDED]['num_validation_samples']} draws); "
+        f"{FITTED}: `search=\"descent\"`, the full search (the descent run to its end, and a second one from the "
+        "fit for one call fewer with a point inserted; fitted before stop 23, with 80 / 2 among the starts, which was "
+        f"never the closest, and validation on {FIT_SETTINGS[FITTED]['num_validation_samples']} draws). "
+        f"Seeds on Karras: where the fit's validation kept the formula, so that {FITTED} or {BOUNDED} is iPNDM on "
         "the Karras schedule there.",
         "",
     ]
-    solvers = [*KARRAS_SOLVERS, FITTED, SELECTED]
+    solvers = [*KARRAS_SOLVERS, FITTED, BOUNDED]
     for model in args.models:
         runs = results[model]
-        selected_runs = [run["select"] for run in runs]
-        lines += [f"## {model}", "", "| NFE | " + " | ".join(solvers) + " | best Karras | fitted ≤ best? | selected "
-                  "≤ best? | seeds on Karras (fitted; selected) |", "|---" * (len(solvers) + 5) + "|"]
+        bounded_runs = [run["bounded"] for run in runs]
+        lines += [f"## {model}", "", "| NFE | " + " | ".join(solvers) + " | best Karras | fitted ≤ best? | bounded "
+                  "≤ best? | seeds on Karras (fitted; bounded) |", "|---" * (len(solvers) + 5) + "|"]
         for nfe in args.nfe:
             cells = {solver: [run["fd"][solver][nfe] for run in runs] for solver in solvers}
             best = min(KARRAS_SOLVERS, key=lambda solver: np.mean(cells[solver]))
             verdicts = ["yes" if np.mean(cells[fit]) <= np.mean(cells[best]) else "**no**"
-                        for fit in (FITTED, SELECTED)]
+                        for fit in (FITTED, BOUNDED)]
             row = [mean_std(cells[solver]) for solver in solvers]
             on_karras = [", ".join(str(seed) for seed, run in zip(args.seeds, fit_runs)
-                                   if nfe not in run["fitted_nfe"]) for fit_runs in (runs, selected_runs)]
+                                   if nfe not in run["fitted_nfe"]) for fit_runs in (runs, bounded_runs)]
             on_karras = "; ".join(on_karras) if any(on_karras) else ""
             lines.append(f"| {nfe} | " + " | ".join(row) + f" | {best} | {' | '.join(verdicts)} | {on_karras} |")
-        for fit, fit_runs in ((FITTED, runs), (SELECTED, selected_runs)):
+        for fit, fit_runs in ((FITTED, runs), (BOUNDED, bounded_runs)):
             lines += ["", *no_hole_lines(args, fit_runs, fit)]
         lines += ["", *converged_lines(args, runs), ""]
     lines += ["## Moonshot: QAC fitted at NFE N vs the baseline (fixed iPNDM, Karras) at "
@@ -247,7 +256,7 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
         lines.append(f"| {nfe} | {mean_std(qac)} | {mean_std([m[nfe] for m in moon])} |")
     lines += ["", *cost_table(args, results)]
     lines += ["", "Fitted schedules of seed 0 (sigma from sigma_max to sigma_min, the first step analytical):", ""]
-    for model, (fit, key) in itertools.product(args.models, ((FITTED, None), (SELECTED, "select"))):
+    for model, (fit, key) in itertools.product(args.models, ((FITTED, None), (BOUNDED, "bounded"))):
         run = results[model][0] if key is None else results[model][0][key]
         for nfe, sigmas in zip(run["fitted_nfe"], run["fitted_sigmas"] or []):
             lines.append(f"- {model} {fit} NFE {nfe}: " + ", ".join(f"{sigma:.3g}" for sigma in sigmas))
@@ -280,8 +289,8 @@ def converged_lines(args, runs: list[dict]) -> list[str]:
             f"same noise and codes; its pixel FD to the same sampler at {4 * DEFAULT_TEACHER_STEPS} calls, on "
             f"{TEACHER_CHECK_DRAWS} draws: at most {max(run['teacher_error'] for run in runs):.1g}): FD "
             f"{few_step.mean_std(teacher)}. Below it in the mean: the best Karras solver at NFE "
-            f"{below(KARRAS_SOLVERS)}; the fitted one at NFE {below([FITTED])}; the selected one at NFE "
-            f"{below([SELECTED])}."]
+            f"{below(KARRAS_SOLVERS)}; the fitted one at NFE {below([FITTED])}; the bounded one at NFE "
+            f"{below([BOUNDED])}."]
 
 
 def digits_classifier(train_split, heldout_split) -> tuple:
@@ -301,12 +310,14 @@ def cost_table(args, results: dict) -> list[str]:
     """The markdown lines of the fits' cost: seconds, UNet calls and images against each model's training."""
     lines = ["## Cost of fitting (2-core CPU, shared machine)", "",
              f"| model | fit seconds | UNet calls: search (batch {DEFAULT_SEARCH_SAMPLES}) + validation (batch "
-             f"{DEFAULT_VALIDATION_SAMPLES}) | images denoised / training images | training seconds | ratio |",
+             f"{FIT_SETTINGS[FITTED]['num_validation_samples']}; bounded: "
+             f"{FIT_SETTINGS[BOUNDED]['num_validation_samples']}) | images denoised / training images | training "
+             "seconds | ratio |",
              "|---|---|---|---|---|---|"]
     training_images = args.max_train_steps * args.train_batch_size
     for model in args.models:
         for seed, run in zip(args.seeds, results[model]):
-            for search, facts in (("", run["fit"]), (", select", run["select"]["fit"])):
+            for search, facts in (("", run["fit"]), (", bounded", run["bounded"]["fit"])):
                 ratio = facts["seconds"] / run["training_seconds"]
                 lines.append(f"| {model}-seed{seed}{search} | {facts['seconds']:.0f} | {facts['num_model_calls']} + "
                              f"{facts['num_validation_model_calls']} | "
@@ -318,9 +329,9 @@ def cost_table(args, results: dict) -> list[str]:
 def plot(args, results: dict, moon: dict, floor: float, path: Path) -> None:
     figure, axes = plt.subplots(1, len(args.models), figsize=(6 * len(args.models), 4.2), sharey=True)
     for axis, model in zip(np.atleast_1d(axes), args.models):
-        for solver in [*KARRAS_SOLVERS, FITTED, SELECTED]:
+        for solver in [*KARRAS_SOLVERS, FITTED, BOUNDED]:
             values = np.array([[run["fd"][solver][nfe] for nfe in args.nfe] for run in results[model]])
-            style = {FITTED: {"linewidth": 2.5, "color": "black"}, SELECTED: {"linewidth": 2, "color": "gray"}}
+            style = {FITTED: {"linewidth": 2.5, "color": "black"}, BOUNDED: {"linewidth": 2, "color": "gray"}}
             style = style.get(solver, {})
             axis.errorbar(args.nfe, values.mean(0), yerr=values.std(0), label=solver, capsize=3, **style)
         if model == "baseline":

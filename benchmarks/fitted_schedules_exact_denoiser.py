@@ -7,12 +7,12 @@ their closed-form EDM denoiser, unconditional and class-conditional. For each fl
 the analytical first step, fixed weights: the library's default sampler) is fitted with the library's own search and
 criterion (`coordinate_descent` of the pixel Frechet distance to converged samples from the closest of the Karras
 schedule and its variants with a longer first step, `karras_starts`, with `fit_schedules`' default steps and noise
-draws, 64) and selected (`search="select"`: that closest start, with the descent where it is no closer than the
-NFE one below), each kept only where it is closer than Karras on 256 fresh draws too (the library's validation), and
-evaluated on 1024 other draws against the converged solution of the same ODE (RK4, the exact benchmark's reference):
-the RMS error per sample, which a schedule fitted to the distribution need not lower, and the Frechet distance of the
-samples to the converged ones, which it should. diffusers' solvers
-are not fitted: `EDMDPMSolverMultistepScheduler.set_timesteps` takes no schedule in diffusers 0.42.1.
+draws, 64), by the full search (`search="descent"`) and by the default one (`search="bounded"`: that descent stopped
+after a few moves), each kept only where it is closer than Karras on 128 fresh draws too (the library's validation),
+and evaluated on 1024 other draws against the converged solution of the same ODE (RK4, the exact benchmark's
+reference): the RMS error per sample, which a schedule fitted to the distribution need not lower, and the Frechet
+distance of the samples to the converged ones, which it should. diffusers' solvers are not fitted:
+`EDMDPMSolverMultistepScheduler.set_timesteps` takes no schedule in diffusers 0.42.1.
 
 Writes benchmarks/results/fitted_schedules_exact_denoiser.{md,json}.
 """
@@ -39,6 +39,7 @@ from solvers_exact_denoiser import (
 from qac_diffusers import IPNDMScheduler
 from qac_diffusers.metrics import frechet_distance
 from qac_diffusers.schedulers.schedule_fitting import (
+    BOUNDED_DESCENT_TRIALS,
     DEFAULT_LOG_STEPS,
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_VALIDATION_SAMPLES,
@@ -107,49 +108,47 @@ def main() -> None:
             eval_flow = Flow(*common, args.eval_samples, generator, args.reference_steps)
             validation_flow = Flow(*common, DEFAULT_VALIDATION_SAMPLES, generator, args.reference_steps)
             rows = results.setdefault(f"tau {tau:g} {kind}", {})
-            fits = {"descent": None, "select": None}  # each search's fit, NFE after NFE as fit_schedules fits
-            previous_starts = None
+            fits = {"descent": None, "bounded": None}  # each search's fit, NFE after NFE as fit_schedules fits
             for nfe in sorted(args.nfe):
                 starts = karras_starts(IPNDMScheduler(**EDM), nfe)
                 karras = starts[0]
-                below_starts = previous_starts if nfe - 1 in rows else None
                 for search, below in fits.items():
-                    below = below[0] if below_starts is not None else None
-                    fits[search] = _fit_nfe(fit_flow.distance, starts, below, below_starts, search, DEFAULT_LOG_STEPS)
-                (fitted, _), (selected, _) = fits["descent"], fits["select"]
-                previous_starts = starts
+                    below = below[0] if nfe - 1 in rows else None
+                    fits[search] = _fit_nfe(fit_flow.distance, starts, below, search, DEFAULT_LOG_STEPS)
+                (fitted, _), (bounded, _) = fits["descent"], fits["bounded"]
                 # as fit_schedules keeps them: only where closer than Karras on the validation's draws too
                 kept = {name: validation_flow.distance(sigmas) < validation_flow.distance(karras)
-                        for name, sigmas in (("fitted", fitted), ("selected", selected))}
+                        for name, sigmas in (("fitted", fitted), ("bounded", bounded))}
                 rows[nfe] = {
                     name: {"rms": rms(eval_flow.sample(sigmas), eval_flow.reference),
                            "frechet": eval_flow.distance(sigmas), "sigmas": sigmas}
                     for name, sigmas in (("karras", karras), ("fitted", fitted if kept["fitted"] else karras),
-                                         ("selected", selected if kept["selected"] else karras))
+                                         ("bounded", bounded if kept["bounded"] else karras))
                 }
                 rows[nfe]["kept"] = kept
                 print(f"tau {tau:g} {kind} NFE {nfe}: " + ", ".join(
                     f"{name} rms {rows[nfe][name]['rms']:.4f} FD {rows[nfe][name]['frechet']:.4f}"
-                    for name in ("karras", "fitted", "selected")
+                    for name in ("karras", "fitted", "bounded")
                 ) + f", kept {kept}", flush=True)
     lines = [
         "# Fitted schedules on exact denoisers: iPNDM (AFS, fixed weights) on fitted vs Karras schedules", "",
         "Command: `python benchmarks/fitted_schedules_exact_denoiser.py` "
         f"(took {time.perf_counter() - started:.0f} s). Fitted on {args.fit_samples} noise draws and kept where it is "
         f"closer than Karras on {DEFAULT_VALIDATION_SAMPLES} fresh ones too (as `fit_schedules` validates; "
-        "elsewhere 'fitted' is Karras; 'selected': `search=\"select\"`, kept the same way), "
+        "elsewhere 'fitted' is Karras; 'fitted': `search=\"descent\"`, the full search; 'bounded': the default "
+        f"search, the descent stopped after {BOUNDED_DESCENT_TRIALS} moves, kept the same way), "
         "evaluated on "
         f"{args.eval_samples} others against the converged solution of the same ODE at sigma_min. RMS: per-sample "
         "error; FD: Frechet distance of the pixels (clamped to [-1, 1]) to the converged samples. Lower is better.",
         "",
     ]
     for flow, rows in results.items():
-        lines += [f"## {flow}", "", "| NFE | RMS Karras | RMS fitted | RMS selected | FD Karras | FD fitted | "
-                  "FD selected | kept (fitted, selected) |", "|---" * 8 + "|"]
+        lines += [f"## {flow}", "", "| NFE | RMS Karras | RMS fitted | RMS bounded | FD Karras | FD fitted | "
+                  "FD bounded | kept (fitted, bounded) |", "|---" * 8 + "|"]
         for nfe, row in rows.items():
-            kept = ", ".join("yes" if row["kept"][name] else "no" for name in ("fitted", "selected"))
+            kept = ", ".join("yes" if row["kept"][name] else "no" for name in ("fitted", "bounded"))
             lines.append(f"| {nfe} | " + " | ".join(f"{row[name][measure]:.4f}" for measure in ("rms", "frechet")
-                                                    for name in ("karras", "fitted", "selected")) + f" | {kept} |")
+                                                    for name in ("karras", "fitted", "bounded")) + f" | {kept} |")
         lines.append("")
     results_dir = Path(args.results_dir)
     (results_dir / "fitted_schedules_exact_denoiser.md").write_text("\n".join(lines))

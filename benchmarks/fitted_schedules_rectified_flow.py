@@ -1,18 +1,19 @@
 """Fitted Euler and Heun time grids against RNE's uniform grid, for rectified-flow models on digits (README).
 
-For the rectified-flow models of benchmarks/rectified_flow_tables.py ("rectified_flow": no condition; "qac": FSQ
-L = 2, d = 12; 3 seeds; trained if missing), fit the Euler grid with `fit_schedules` and the defaults train_qac.py
-uses (NFE 3..10), and the Heun grid at the odd NFE, then measure the Frechet distance (FD) of 2000 samples to the
-held-out split, in the digits-classifier features, for: Euler and Heun on the fitted grids and on RNE's uniform grid
-(what the pipeline uses without a fit). Also measured: the FD's own sampling noise (the fitted sampler
-resampled with another seed), whether the fitted FD rises from one NFE to the next by more than twice that noise, the
-seconds each fit took next to the model's training time, and how far the fit's teacher (Heun, 63 calls) is from the
-adaptive RK45 reference (RNE's), in the fit's own criterion.
+For the rectified-flow models of benchmarks/rectified_flow_tables.py ("rectified_flow": no condition; "qac": FSQ L =
+2, d = 12; 3 seeds; trained if missing), fit the Euler grid with `fit_schedules` (NFE 3..10) by its two searches (the
+bounded descent, its default, and the full descent), and the Heun grid at the odd NFE, then measure the Frechet
+distance (FD) of 2000 samples to the held-out split, in the digits-classifier features, for: Euler and Heun on the
+fitted grids and on RNE's uniform grid (what the pipeline uses without a fit). Also measured: the FD's own sampling
+noise (the fitted sampler resampled with another seed), whether the fitted FD rises from one NFE to the next by more
+than twice that noise, the seconds each fit took next to the model's training time, and how far the fit's teacher
+(Heun, 63 calls) is from the adaptive RK45 reference (RNE's), in the fit's own criterion.
 
     python benchmarks/fitted_schedules_rectified_flow.py --seeds 0     # one process per seed, then all seeds
 
 Writes benchmarks/results/fitted_schedules_rectified_flow.{md,json,png}. Resumable: each fit is saved beside its
-model (fitted_scheduler/, fitted_heun_scheduler/) and each FD in the model's benchmark_measurements.json.
+model (fitted_scheduler/, fitted_heun_scheduler/, bounded_scheduler/) and each FD in the model's
+benchmark_measurements.json.
 """
 
 import argparse
@@ -33,6 +34,7 @@ import torch  # noqa: E402
 from qac_diffusers import QACPipeline  # noqa: E402
 from qac_diffusers.metrics import frechet_distance  # noqa: E402
 from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
+    BOUNDED_DESCENT_TRIALS,
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_TEACHER_STEPS,
     DEFAULT_VALIDATION_SAMPLES,
@@ -43,9 +45,9 @@ from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
 
 MODELS = ["rectified_flow", "qac"]
 FITTED, HEUN_FITTED = "euler_fitted", "heun_fitted"
-SELECTED = "euler_selected"  # fit_schedules(search="select"), the cheaper search
-SOLVERS = ["euler", "heun", FITTED, HEUN_FITTED, SELECTED]
-FORMULA_OF = {FITTED: "euler", HEUN_FITTED: "heun", SELECTED: "euler"}  # each fit against its sampler on RNE's grid
+BOUNDED = "euler_bounded"  # fit_schedules' default search, "bounded"
+SOLVERS = ["euler", "heun", FITTED, HEUN_FITTED, BOUNDED]
+FORMULA_OF = {FITTED: "euler", HEUN_FITTED: "heun", BOUNDED: "euler"}  # each fit against its sampler on RNE's grid
 # Where each model's fitted Heun scheduler is kept (the fitted Euler one: fitted_scheduler/).
 HEUN_FOLDER = "fitted_heun_scheduler"
 
@@ -90,13 +92,13 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
         args, model_dir, pipe, seed, samplers, FITTED, classifier, heldout_features
     )
     pipe.scheduler = samplers["euler"][0]
-    folder = fitted_schedules.FIT_FOLDERS[fitted_schedules.SELECTED]
-    selected = fitted_schedules.fitted_scheduler(model_dir, pipe, seed, folder, search="select")
-    selected = {SELECTED: (selected, args.nfe)}
-    results["select"] = fitted_schedules.measure_samplers(
-        args, model_dir, pipe, seed, selected, SELECTED, classifier, heldout_features, folder
+    folder = fitted_schedules.FIT_FOLDERS[fitted_schedules.BOUNDED]
+    bounded = fitted_schedules.fitted_scheduler(model_dir, pipe, seed, folder, kind=fitted_schedules.BOUNDED)
+    bounded = {BOUNDED: (bounded, args.nfe)}
+    results["bounded"] = fitted_schedules.measure_samplers(
+        args, model_dir, pipe, seed, bounded, BOUNDED, classifier, heldout_features, folder
     )
-    results["fd"][SELECTED] = results["select"]["fd"][SELECTED]
+    results["fd"][BOUNDED] = results["bounded"]["fd"][BOUNDED]
     results["heun_fit"] = json.loads((model_dir / HEUN_FOLDER / "fit_facts.json").read_text())
     results["heun_fitted_nfe"] = samplers[HEUN_FITTED][0].fitted_num_inference_steps
     results["heun_fitted_sigmas"] = samplers[HEUN_FITTED][0].config.fitted_sigmas
@@ -118,20 +120,21 @@ def markdown(args, results: dict, floor: float, accuracy: float) -> str:
         f"Models: benchmarks/rectified_flow_tables.py's (preset {args.preset}, {args.max_train_steps} steps at batch "
         f"{args.train_batch_size}, seeds {args.seeds}). FD of {args.num_samples} samples to the held-out split in the "
         f"digits-classifier features (held-out accuracy {accuracy:.3f}), mean ± std over seeds; real training split "
-        f"vs held-out: {floor:.2f}. Fits: `fit_schedules` with its defaults ({DEFAULT_SEARCH_SAMPLES} noise draws "
-        f"in the search, {DEFAULT_VALIDATION_SAMPLES} in the validation, a Heun teacher of "
-        f"{DEFAULT_TEACHER_STEPS - 1} calls; Heun fitted at the odd NFE); {SELECTED}: "
-        "`fit_schedules(search=\"select\")`, the cheaper search (the closest of RNE's grid and its shifts, and "
-        "the descent only where that is no closer to the teacher than at one call fewer). Seeds on RNE's grid: where "
-        "the fit's validation kept the uniform grid, by fit.",
+        f"vs held-out: {floor:.2f}. Fits: `fit_schedules` ({DEFAULT_SEARCH_SAMPLES} noise draws in the search, a "
+        f"Heun teacher of {DEFAULT_TEACHER_STEPS - 1} calls); {FITTED} and {HEUN_FITTED} (Heun fitted at the odd "
+        "NFE): `search=\"descent\"`, the full search (fitted before stop 23, validation on "
+        f"{fitted_schedules.FIT_SETTINGS[fitted_schedules.FITTED]['num_validation_samples']} draws); {BOUNDED}: the "
+        "default search, \"bounded\" (the descent from the closest of RNE's grid and its shifts, stopped after "
+        f"{BOUNDED_DESCENT_TRIALS} moves; validation on {DEFAULT_VALIDATION_SAMPLES} draws). Seeds on RNE's grid: "
+        "where the fit's validation kept the uniform grid, by fit.",
         "",
     ]
     for model in MODELS:
         runs = results[model]
         kept = {FITTED: [run["fitted_nfe"] for run in runs], HEUN_FITTED: [run["heun_fitted_nfe"] for run in runs],
-                SELECTED: [run["select"]["fitted_nfe"] for run in runs]}
+                BOUNDED: [run["bounded"]["fitted_nfe"] for run in runs]}
         lines += [f"## {model}", "", "| NFE | " + " | ".join(SOLVERS) + " | ≤ RNE's grid? (Euler fitted, Heun fitted, "
-                  "Euler selected) | seeds on RNE's grid (by fit) |", "|---" * (len(SOLVERS) + 3) + "|"]
+                  "Euler bounded) | seeds on RNE's grid (by fit) |", "|---" * (len(SOLVERS) + 3) + "|"]
         for nfe in args.nfe:
             cells = {solver: [run["fd"][solver][nfe] for run in runs if nfe in run["fd"][solver]]
                      for solver in SOLVERS}
@@ -143,7 +146,7 @@ def markdown(args, results: dict, floor: float, accuracy: float) -> str:
                                             if nfe not in nfes) for fitted in fits}
             on_formula_text = "; ".join(f"{fitted}: {seeds}" for fitted, seeds in on_formula.items() if seeds)
             lines.append(f"| {nfe} | " + " | ".join(row) + f" | {', '.join(verdicts)} | {on_formula_text} |")
-        for fitted, fitted_runs in ((FITTED, runs), (SELECTED, [run["select"] for run in runs])):
+        for fitted, fitted_runs in ((FITTED, runs), (BOUNDED, [run["bounded"] for run in runs])):
             lines += ["", *fitted_schedules.no_hole_lines(args, fitted_runs, fitted)]
         lines.append("")
     lines += ["## The fit's teacher against RK45 (pixel FD, the fit's criterion, on "
@@ -177,7 +180,7 @@ def plot(args, results: dict, floor: float, path: Path) -> None:
         for solver in SOLVERS:
             nfes = [nfe for nfe in args.nfe if nfe in results[model][0]["fd"][solver]]
             values = np.array([[run["fd"][solver][nfe] for nfe in nfes] for run in results[model]])
-            style = {FITTED: {"linewidth": 2.5, "color": "black"}, SELECTED: {"linewidth": 2, "color": "gray"}}
+            style = {FITTED: {"linewidth": 2.5, "color": "black"}, BOUNDED: {"linewidth": 2, "color": "gray"}}
             axis.errorbar(nfes, values.mean(0), yerr=values.std(0), label=solver, capsize=3, **style.get(solver, {}))
         axis.axhline(floor, color="gray", linestyle="--", label="real vs held-out")
         axis.set(title=f"rectified flow: {model}", xlabel="NFE (UNet calls)", yscale="log")

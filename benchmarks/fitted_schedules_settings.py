@@ -31,9 +31,10 @@ from qac_diffusers.schedulers.schedule_fitting import (
 
 
 # name: (search draws, log steps, search). The first five were measured when EDM's descent started from Karras
-# alone (before the starts of stop 22, `karras_starts`): their rows in the results are kept as measured then, and a
-# rerun without the results would measure them with today's starts. "six starts" is the library's default descent
-# since then, "select" the cheaper search.
+# alone (before the starts of stop 22, `karras_starts`), "six starts" with the starts of stop 22 (80 / 2 among them):
+# their rows in the results are kept as measured then, and a rerun without the results would measure them with
+# today's starts. The results also keep the row of stop 22's "select" search (removed at stop 23). "bounded" is the
+# library's default search since stop 23.
 SETTINGS = {
     "64 draws, steps 0.5/0.2": (64, (0.5, 0.2), "descent"),
     "64 draws, steps 0.5/0.25/0.125": (64, (0.5, 0.25, 0.125), "descent"),
@@ -41,7 +42,7 @@ SETTINGS = {
     "32 draws, steps 0.5/0.2": (32, (0.5, 0.2), "descent"),
     "32 draws, step 0.35": (32, (0.35,), "descent"),
     "64 draws, steps 0.5/0.2, six starts": (64, (0.5, 0.2), "descent"),
-    "64 draws, select": (64, (0.5, 0.2), "select"),
+    "64 draws, bounded": (64, (0.5, 0.2), "bounded"),
 }
 NFES = list(range(3, 11))
 
@@ -95,8 +96,10 @@ def markdown(results: dict) -> str:
              "the training on a core shared by three to five jobs. The first five settings were measured when EDM's "
              "descent started from Karras alone; \"six starts\" (the library's default descent now) starts from the "
              "closest of Karras and Karras after a first step to 80 / 2, 4, 8, 16, 32 (`karras_starts`), and "
-             "\"select\" keeps that closest start (and descends only where it gets no closer with one more call); "
-             "these two ran with one job per core.", "",
+             "\"select\" (stop 22's cheaper search, removed at stop 23) kept that closest start (and descended only "
+             "where it got no closer with one more call); these two ran with one job per core. \"bounded\" (the "
+             "default search since stop 23) descends from the closest of Karras and Karras after a first step to 80 / "
+             "4, 8, 16, 32 and stops after 8 moved schedules; it ran alone on the machine.", "",
              "Pixel FD: distance to the teacher on 1,024 fresh draws (the fit's criterion, out of sample). Classifier "
              "FD: 2,000 samples vs the held-out split. Images denoised = UNet calls x images per call; training = "
              "steps x batch (forward and backward).", ""]
