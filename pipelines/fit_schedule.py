@@ -7,7 +7,7 @@
 The search (qac_diffusers/schedulers/schedule_fitting.py) runs the model's own sampler (iPNDM for EDM, Euler for
 rectified flow) on candidate schedules and keeps the one whose images are closest, as a distribution, to those of a
 converged teacher: a coordinate descent from the closest of a few formula schedules, stopped after a few moves (the
-default, "bounded"), or run to its end (--search descent), or only that closest schedule (--search select). The
+default, "bounded"), or run to its end with a second descent from the fit for one call fewer (--search descent). The
 pipeline with the fitted schedules in its scheduler config is saved back into the model folder (or into --output_dir),
 where QACPipeline uses them by default at the NFE they were fitted for and the formula schedule (Karras; RNE's uniform
 grid for rectified flow) at any other.
@@ -36,9 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="A folder written by train_qac.py or a Hub repo id.")
     parser.add_argument("--nfe", type=int, nargs="+", default=list(DEFAULT_FIT_NFE))
     parser.add_argument("--search", choices=SEARCHES, default=DEFAULT_SEARCH,
-                        help="bounded: the descent from the closest start, stopped after a few moves (the default); "
-                        "descent: the full search, 2-4x the cost; select: the closest start, descending only where it "
-                        "gets no closer with one more call.")
+                        help="bounded: the descent from the closest start, stopped after 8 moves (the default); "
+                        "descent: the full search, 2-4x the cost.")
     parser.add_argument("--num_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,
                         help="Noise draws the search compares candidates on.")
     parser.add_argument(
