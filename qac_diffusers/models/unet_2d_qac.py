@@ -228,7 +228,7 @@ class QACUNet2DModel(UNet2DModel):
         if class_labels is not None:
             raise ValueError("This QACUNet2DModel takes a code and no class conditioning: pass `class_labels=None`.")
         # The code embedding sits in the class-embedding slot, so the code goes in as the class labels; the sample has
-        # the model's dtype (`self.dtype` walks every module, a tenth of a small model's call on CPU).
+        # the model's dtype (`self.dtype` walks every module: slow next to a small model's call on CPU).
         code = self._check_code(code, sample).to(sample.dtype)
         return super().forward(sample, timestep, class_labels=code, return_dict=return_dict)
 
