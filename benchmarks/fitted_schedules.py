@@ -224,8 +224,9 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
         "(the descent from the closest of Karras and Karras after a first step to 80 / 4, 8, 16, 32, stopped after "
         f"{BOUNDED_DESCENT_TRIALS} moves; validation on {FIT_SETTINGS[BOUNDED]['num_validation_samples']} draws); "
         f"{FITTED}: `search=\"descent\"`, the full search (the descent run to its end, and a second one from the "
-        "fit for one call fewer with a point inserted; fitted before stop 23, with 80 / 2 among the starts, which was "
-        f"never the closest, and validation on {FIT_SETTINGS[FITTED]['num_validation_samples']} draws). "
+        "fit for one call fewer with a point inserted; validation on "
+        f"{FIT_SETTINGS[FITTED]['num_validation_samples']} draws; the committed results reuse the fits of stop 22, "
+        "whose starts included 80 / 2, which was never the closest). "
         f"Seeds on Karras: where the fit's validation kept the formula, so that {FITTED} or {BOUNDED} is iPNDM on "
         "the Karras schedule there.",
         "",

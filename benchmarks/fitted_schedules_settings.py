@@ -94,7 +94,7 @@ def markdown(results: dict) -> str:
              "the 32-draw rows ran with one job per core, after the search began to score each schedule once (the "
              "schedules and FDs are the same as before, with 13% fewer calls); the 0.5/0.25/0.125 rows and "
              "the training on a core shared by three to five jobs. The first five settings were measured when EDM's "
-             "descent started from Karras alone; \"six starts\" (the library's default descent now) starts from the "
+             "descent started from Karras alone; \"six starts\" (stop 22's default descent) started from the "
              "closest of Karras and Karras after a first step to 80 / 2, 4, 8, 16, 32 (`karras_starts`), and "
              "\"select\" (stop 22's cheaper search, removed at stop 23) kept that closest start (and descended only "
              "where it got no closer with one more call); these two ran with one job per core. \"bounded\" (the "

@@ -1,7 +1,7 @@
 """Fit the sampling schedule of a trained QAC (or baseline) model to the model, for a set of NFE.
 
     python pipelines/fit_schedule.py --model PATH --nfe 3 4 5 6 7 8 9 10
-    python pipelines/fit_schedule.py --model PATH --search descent     # the full search, 2-4x the cost
+    python pipelines/fit_schedule.py --model PATH --search descent     # the full search, 3-4x the calls
     python pipelines/fit_schedule.py --model RECTIFIED_FLOW_PATH --scheduler heun --nfe 3 5 7 9
 
 The search (qac_diffusers/schedulers/schedule_fitting.py) runs the model's own sampler (iPNDM for EDM, Euler for
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nfe", type=int, nargs="+", default=list(DEFAULT_FIT_NFE))
     parser.add_argument("--search", choices=SEARCHES, default=DEFAULT_SEARCH,
                         help="bounded: the descent from the closest start, stopped after 8 moves (the default); "
-                        "descent: the full search, 2-4x the cost.")
+                        "descent: the full search, 3-4x the model calls.")
     parser.add_argument("--num_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,
                         help="Noise draws the search compares candidates on.")
     parser.add_argument(

@@ -64,7 +64,7 @@ FIRST_STEP_DIVISORS = (4, 8, 16, 32)
 FLOW_START_SHIFTS = (0.25, 0.5, 2.0)
 # "bounded" (the default): the coordinate descent from the closest start, stopped after `BOUNDED_DESCENT_TRIALS`
 # moved schedules; "descent": that descent until no move improves, and a second one from the fit for one call fewer
-# with a point inserted (the full search, 2-4x the cost).
+# with a point inserted (the full search, 3-4x the model calls).
 SEARCHES = ("bounded", "descent")
 DEFAULT_SEARCH = "bounded"
 BOUNDED_DESCENT_TRIALS = 8
@@ -355,8 +355,17 @@ def coordinate_descent(
     """
     Minimise `distance(sigmas)` over the interior points: sweep them in order, moving each by a factor exp(+step) or,
     if that does not improve, exp(-step) in sigma, keeping the schedule strictly decreasing; sweep again while a move
-    improves, then go on with the next (smaller) step. The end points stay. With `max_trials`, the descent stops
-    after scoring that many moved schedules (its first moves gain the most: README "Fitted schedules").
+    improves, then go on with the next (smaller) step. The end points stay.
+
+    Args:
+        distance (`Callable[[list[float]], float]`): The criterion of a schedule (lower is better).
+        sigmas (`list[float]`): The start, strictly decreasing.
+        log_steps (`Sequence[float]`): The moves in log sigma, largest first.
+        max_trials (`int`, *optional*): Stop after scoring this many moved schedules (the first moves gain the most:
+            README "Fitted schedules"); `None` runs until no move of the smallest step improves.
+
+    Returns:
+        `tuple` `(sigmas, distance)`: the closest schedule found and its distance.
     """
     best, trials = distance(sigmas), 0
     for log_step in log_steps:

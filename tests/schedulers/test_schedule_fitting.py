@@ -178,7 +178,7 @@ def test_fit_is_deterministic_and_never_worse_than_the_formula(fitted):
     assert bounded[0].scheduler.config.fitted_sigmas == bounded[1].scheduler.config.fitted_sigmas
     for nfe in FIT_NFES:
         assert output.fitted_distances[nfe] <= bounded[0].fitted_distances[nfe] <= output.formula_distances[nfe]
-    assert output.num_model_calls == calls
+    assert bounded[0].num_model_calls < output.num_model_calls == calls
 
 
 def test_fitted_schedule_is_locally_optimal(fitted):
