@@ -36,7 +36,7 @@ from qac_diffusers import QACPipeline  # noqa: E402
 from qac_diffusers.metrics import extract_features, frechet_distance, train_feature_classifier  # noqa: E402
 from qac_diffusers.schedulers import solver_from_config  # noqa: E402
 from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
-    BOUNDED_DESCENT_TRIALS,
+    BOUNDED_DESCENT_BUDGET,
     DEFAULT_FIT_NFE,
     DEFAULT_LOG_STEPS,
     DEFAULT_SEARCH_SAMPLES,
@@ -222,7 +222,8 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
         f"`fit_schedules` ({DEFAULT_SEARCH_SAMPLES} noise draws in the search, {DEFAULT_TEACHER_STEPS}-call "
         f"teacher, log steps {'/'.join(map(str, DEFAULT_LOG_STEPS))}); {BOUNDED}: its default search, \"bounded\" "
         "(the descent from the closest of Karras and Karras after a first step to 80 / 4, 8, 16, 32, stopped after "
-        f"{BOUNDED_DESCENT_TRIALS} moves; validation on {FIT_SETTINGS[BOUNDED]['num_validation_samples']} draws); "
+        f"{BOUNDED_DESCENT_BUDGET} / NFE moves; validation on {FIT_SETTINGS[BOUNDED]['num_validation_samples']} "
+        "draws); "
         f"{FITTED}: `search=\"descent\"`, the full search (the descent run to its end, and a second one from the "
         "fit for one call fewer with a point inserted; validation on "
         f"{FIT_SETTINGS[FITTED]['num_validation_samples']} draws; the committed results reuse the fits of stop 22, "

@@ -39,7 +39,7 @@ from solvers_exact_denoiser import (
 from qac_diffusers import IPNDMScheduler
 from qac_diffusers.metrics import frechet_distance
 from qac_diffusers.schedulers.schedule_fitting import (
-    BOUNDED_DESCENT_TRIALS,
+    BOUNDED_DESCENT_BUDGET,
     DEFAULT_LOG_STEPS,
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_VALIDATION_SAMPLES,
@@ -114,7 +114,7 @@ def main() -> None:
                 karras = starts[0]
                 for search, below in fits.items():
                     below = below[0] if nfe - 1 in rows else None
-                    fits[search] = _fit_nfe(fit_flow.distance, starts, below, search, DEFAULT_LOG_STEPS)
+                    fits[search] = _fit_nfe(fit_flow.distance, starts, below, search, DEFAULT_LOG_STEPS, nfe)
                 (fitted, _), (bounded, _) = fits["descent"], fits["bounded"]
                 # as fit_schedules keeps them: only where closer than Karras on the validation's draws too
                 kept = {name: validation_flow.distance(sigmas) < validation_flow.distance(karras)
@@ -136,7 +136,7 @@ def main() -> None:
         f"(took {time.perf_counter() - started:.0f} s). Fitted on {args.fit_samples} noise draws and kept where it is "
         f"closer than Karras on {DEFAULT_VALIDATION_SAMPLES} fresh ones too (as `fit_schedules` validates; "
         "elsewhere 'fitted' is Karras; 'fitted': `search=\"descent\"`, the full search; 'bounded': the default "
-        f"search, the descent stopped after {BOUNDED_DESCENT_TRIALS} moves, kept the same way), "
+        f"search, the descent stopped after {BOUNDED_DESCENT_BUDGET} / NFE moves, kept the same way), "
         "evaluated on "
         f"{args.eval_samples} others against the converged solution of the same ODE at sigma_min. RMS: per-sample "
         "error; FD: Frechet distance of the pixels (clamped to [-1, 1]) to the converged samples. Lower is better.",

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from qac_diffusers import QACPipeline  # noqa: E402
 from qac_diffusers.metrics import frechet_distance  # noqa: E402
 from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
-    BOUNDED_DESCENT_TRIALS,
+    BOUNDED_DESCENT_BUDGET,
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_TEACHER_STEPS,
     DEFAULT_VALIDATION_SAMPLES,
@@ -125,8 +125,8 @@ def markdown(args, results: dict, floor: float, accuracy: float) -> str:
         "NFE): `search=\"descent\"`, the full search (fitted before stop 23, validation on "
         f"{fitted_schedules.FIT_SETTINGS[fitted_schedules.FITTED]['num_validation_samples']} draws); {BOUNDED}: the "
         "default search, \"bounded\" (the descent from the closest of RNE's grid and its shifts, stopped after "
-        f"{BOUNDED_DESCENT_TRIALS} moves; validation on {DEFAULT_VALIDATION_SAMPLES} draws). Seeds on RNE's grid: "
-        "where the fit's validation kept the uniform grid, by fit.",
+        f"{BOUNDED_DESCENT_BUDGET} / NFE moves; validation on {DEFAULT_VALIDATION_SAMPLES} draws). Seeds on RNE's "
+        "grid: where the fit's validation kept the uniform grid, by fit.",
         "",
     ]
     for model in MODELS:

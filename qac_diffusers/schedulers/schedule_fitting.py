@@ -18,8 +18,9 @@ samples pays for through its covariance. The search is a coordinate descent on l
 closest of the formula schedule and a few variants of it (Karras after a longer free first step; rectified flow's
 shifted grids) and accepts only improvements, so a fitted schedule never scores worse than the formula; a second
 descent starts from the schedule fitted for one NFE less with one point inserted, when that is closer. The default
-search ("bounded") runs only the first descent and stops it after a few moves: the first moves gain the most, and on
-our digits models the bound cut the search's model calls 3-4x for most of the gain (README "Fitted schedules").
+search ("bounded") runs only the first descent and stops it after about 40 model calls' worth of moves: the first
+moves gain the most, and on our digits models the bound cut the search's model calls 3x for most of the gain (README
+"Fitted schedules").
 A search that accepts every improvement on one set of noise draws also fits that set's chance: each fitted schedule is
 therefore scored again, with the formula's, on fresh noise and codes, and kept only where it is still closer to the
 teacher there ([`validate_schedules`]); elsewhere the scheduler keeps the formula.
@@ -62,12 +63,14 @@ DEFAULT_LOG_STEPS = (0.5, 0.2)
 # to 10: left out since stop 23.)
 FIRST_STEP_DIVISORS = (4, 8, 16, 32)
 FLOW_START_SHIFTS = (0.25, 0.5, 2.0)
-# "bounded" (the default): the coordinate descent from the closest start, stopped after `BOUNDED_DESCENT_TRIALS`
-# moved schedules; "descent": that descent until no move improves, and a second one from the fit for one call fewer
-# with a point inserted (the full search, 3-4x the model calls).
+# "bounded" (the default): the coordinate descent from the closest start, stopped after
+# `bounded_descent_trials(nfe)` moved schedules; "descent": that descent until no move improves, and a second one from
+# the fit for one call fewer with a point inserted (the full search, 3-4x the model calls).
 SEARCHES = ("bounded", "descent")
 DEFAULT_SEARCH = "bounded"
-BOUNDED_DESCENT_TRIALS = 8
+# The bounded descent's moves times the NFE: a move re-runs the sampler from the moved point, about NFE / 2 model
+# calls, so each NFE's descent gets about 40 calls (8 moves at NFE 10, 27 at NFE 3, where moves are cheap).
+BOUNDED_DESCENT_BUDGET = 80
 # Sampler states kept for runs that share their first points (each: the sample, up to 4 derivatives, a model output).
 MAX_KEPT_STATES = 32
 # Pixel features are average-pooled to at most this many dimensions, so that a covariance stays cheap to compare.
@@ -441,15 +444,21 @@ def _fit_one(distance, starts: list[list[float]], below: list[float] | None, log
     return fitted
 
 
+def bounded_descent_trials(num_inference_steps: int) -> int:
+    """The moved schedules the bounded search scores at `num_inference_steps` calls: `BOUNDED_DESCENT_BUDGET` / NFE."""
+    return max(1, round(BOUNDED_DESCENT_BUDGET / num_inference_steps))
+
+
 def _fit_nfe(distance, starts: list[list[float]], below: list[float] | None, search: str,
-             log_steps: Sequence[float]) -> tuple[list[float], float]:
+             log_steps: Sequence[float], num_inference_steps: int) -> tuple[list[float], float]:
     """
-    The schedule fitted for one NFE by `search`: with "descent" [`_fit_one`]'s (`below`: the fit for one call fewer,
-    or `None`); with "bounded" the descent from the closest of `starts` that scores at most `BOUNDED_DESCENT_TRIALS`
-    moves.
+    The schedule fitted for `num_inference_steps` calls by `search`: with "descent" [`_fit_one`]'s (`below`: the fit
+    for one call fewer, or `None`); with "bounded" the descent from the closest of `starts` that scores at most
+    [`bounded_descent_trials`] moves.
     """
     if search == "bounded":
-        return coordinate_descent(distance, closest_start(distance, starts)[0], log_steps, BOUNDED_DESCENT_TRIALS)
+        trials = bounded_descent_trials(num_inference_steps)
+        return coordinate_descent(distance, closest_start(distance, starts)[0], log_steps, trials)
     return _fit_one(distance, starts, below, log_steps)
 
 
@@ -519,7 +528,7 @@ def fit_schedules(
     result is kept. So a fitted schedule is never further from the teacher than the formula; a second start alone
     could waste the new call (a point inserted next to sigma_min changes nothing, and the descent from there stayed
     put on our digits baseline at NFE 5 and 6). With `search="bounded"` (the default) each NFE runs the first descent
-    only, and stops it after `BOUNDED_DESCENT_TRIALS` moved schedules.
+    only, and stops it after [`bounded_descent_trials`] moved schedules (27 at NFE 3, 8 at NFE 10).
     Then, with `validate`, [`validate_schedules`] scores every fitted schedule and the formula again on
     `num_validation_samples` fresh draws of `generator`, and the scheduler keeps only the fitted schedules that are
     closer there: a schedule that won on the search's draws by their chance alone goes back to the formula.
@@ -534,7 +543,7 @@ def fit_schedules(
             largest NFE.
         generator (`torch.Generator`, *optional*): The random source of the noise and the codes.
         search (`str`, defaults to `"bounded"`): `"bounded"` (the descent from the closest start, stopped after
-            `BOUNDED_DESCENT_TRIALS` moves) or `"descent"` (both descents, until no move improves; README "Fitted
+            [`bounded_descent_trials`] moves) or `"descent"` (both descents, until no move improves; README "Fitted
             schedules" compares the two).
         log_steps (`Sequence[float]`, defaults to `(0.5, 0.2)`): The step sizes of the descent in log sigma (of t / (1
             - t) for rectified flow), largest first.
@@ -557,7 +566,7 @@ def fit_schedules(
         starts = distance.search_starts(nfe)
         formula_distances[nfe] = distance.search_distance(starts[0])
         below = searched[-1] if nfe - 1 in fitted_distances else None  # the fit for one call fewer
-        sigmas, fitted_distances[nfe] = _fit_nfe(distance.search_distance, starts, below, search, log_steps)
+        sigmas, fitted_distances[nfe] = _fit_nfe(distance.search_distance, starts, below, search, log_steps, nfe)
         searched.append(sigmas)
         bar.set_postfix(nfe=nfe, formula=f"{formula_distances[nfe]:.3g}", fitted=f"{fitted_distances[nfe]:.3g}")
     fitted = [distance.from_search(sigmas) for sigmas in searched]

@@ -18,13 +18,13 @@ from qac_diffusers.schedulers import (
     solver_from_config,
 )
 from qac_diffusers.schedulers.schedule_fitting import (
-    BOUNDED_DESCENT_TRIALS,
     DEFAULT_LOG_STEPS,
     FLOW_START_SHIFTS,
     ScheduleDistance,
     _fit_nfe,
     _fit_one,
     _insertions,
+    bounded_descent_trials,
     closest_start,
     coordinate_descent,
     fit_schedules,
@@ -452,16 +452,21 @@ def test_edm_search_starts_from_karras_schedules_after_longer_first_steps():
     assert karras_starts(no_afs, 1) == [pytest.approx([80.0, 0.002])]
 
 
+def test_bounded_descent_gets_about_the_same_model_calls_at_every_nfe():
+    # a move costs about NFE / 2 calls: the moves scale as 1 / NFE, at least one
+    assert [bounded_descent_trials(nfe) for nfe in (1, 3, 4, 5, 8, 10, 80, 200)] == [80, 27, 20, 16, 10, 8, 1, 1]
+
+
 def test_bounded_search_is_the_descent_from_the_closest_start_cut_short():
-    # The closest start is in the poor basin: the bounded search descends from it for BOUNDED_DESCENT_TRIALS moves,
-    # with no second start from `below` (which the full descent takes to the good basin)
+    # The closest start is in the poor basin: the bounded search descends from it for the moves of its NFE (8 at NFE
+    # 10), with no second start from `below` (which the full descent takes to the good basin)
     distance, below = two_basin_distance, [80.0, 9.0, 0.9, 0.002]
     starts = [[80.0, 79.0, 78.0, 0.5, 0.002], [80.0, 79.5, 78.5, 0.4, 0.002]]
     closest = min(starts, key=distance)
-    bounded = _fit_nfe(distance, starts, below, "bounded", (0.5,))
-    assert bounded == coordinate_descent(distance, closest, (0.5,), BOUNDED_DESCENT_TRIALS)
+    bounded = _fit_nfe(distance, starts, below, "bounded", (0.5,), 10)
+    assert bounded == coordinate_descent(distance, closest, (0.5,), bounded_descent_trials(10))
     assert distance(closest) > bounded[1] > coordinate_descent(distance, closest, (0.5,))[1] >= 0.3
-    assert _fit_nfe(distance, starts, below, "descent", (0.5,))[1] == pytest.approx(0.0)
+    assert _fit_nfe(distance, starts, below, "descent", (0.5,), 10)[1] == pytest.approx(0.0)
 
 
 def test_bounded_search_on_a_pipeline_descends_from_the_closest_start_within_its_trials():
@@ -475,7 +480,7 @@ def test_bounded_search_on_a_pipeline_descends_from_the_closest_start_within_its
         assert output.formula_distances[nfe] == distance(starts[0])
         closest, _ = closest_start(distance, starts)
         assert (sigmas, output.fitted_distances[nfe]) == coordinate_descent(
-            distance, closest, DEFAULT_LOG_STEPS, BOUNDED_DESCENT_TRIALS
+            distance, closest, DEFAULT_LOG_STEPS, bounded_descent_trials(nfe)
         )
         assert output.fitted_distances[nfe] < output.formula_distances[nfe]
     assert output.num_model_calls == distance.num_model_calls
