@@ -191,9 +191,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     logs.add_argument(
         "--fit_schedule_search", choices=SEARCHES, default=DEFAULT_SEARCH,
-        help="bounded: the descent from the closest of a few formula schedules, stopped after 8 moves; descent: that "
-        "descent to its end and a second one from the fit for one call fewer, 3-4x the model calls, closer to the "
-        "teacher (README, Fitted schedules).",
+        help="bounded: the descent from the closest of a few formula schedules, stopped after 80 / NFE moves; "
+        "descent: that descent to its end and a second one from the fit for one call fewer, 3-4x the model calls, "
+        "closer to the teacher (README, Fitted schedules).",
     )
     logs.add_argument(
         "--fit_schedule_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,
