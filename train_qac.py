@@ -191,7 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     logs.add_argument(
         "--fit_schedule_search", choices=SEARCHES, default=DEFAULT_SEARCH,
-        help="bounded: the descent from the closest of a few formula schedules, stopped after 80 / NFE moves; "
+        help="bounded: the descent from the closest of a few formula schedules, stopped after 52 / NFE moves; "
         "descent: that descent to its end and a second one from the fit for one call fewer, 3-4x the model calls, "
         "closer to the teacher (README, Fitted schedules).",
     )

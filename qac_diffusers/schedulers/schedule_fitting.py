@@ -18,7 +18,7 @@ samples pays for through its covariance. The search is a coordinate descent on l
 closest of the formula schedule and a few variants of it (Karras after a longer free first step; rectified flow's
 shifted grids) and accepts only improvements, so a fitted schedule never scores worse than the formula; a second
 descent starts from the schedule fitted for one NFE less with one point inserted, when that is closer. The default
-search ("bounded") runs only the first descent and stops it after about 40 model calls' worth of moves: the first
+search ("bounded") runs only the first descent and stops it after about 26 model calls' worth of moves: the first
 moves gain the most, and on our digits models the bound cut the search's model calls 3x for most of the gain (README
 "Fitted schedules").
 A search that accepts every improvement on one set of noise draws also fits that set's chance: each fitted schedule is
@@ -69,8 +69,9 @@ FLOW_START_SHIFTS = (0.25, 0.5, 2.0)
 SEARCHES = ("bounded", "descent")
 DEFAULT_SEARCH = "bounded"
 # The bounded descent's moves times the NFE: a move re-runs the sampler from the moved point, about NFE / 2 model
-# calls, so each NFE's descent gets about 40 calls (8 moves at NFE 10, 27 at NFE 3, where moves are cheap).
-BOUNDED_DESCENT_BUDGET = 80
+# calls, so each NFE's descent gets about 26 calls (5 moves at NFE 10, 17 at NFE 3, where moves are cheap): over NFE
+# 3-10 as many calls as 8 moves at every NFE, which took 3.9% of the training in `make demo` (80 took 5.1%).
+BOUNDED_DESCENT_BUDGET = 52
 # Sampler states kept for runs that share their first points (each: the sample, up to 4 derivatives, a model output).
 MAX_KEPT_STATES = 32
 # Pixel features are average-pooled to at most this many dimensions, so that a covariance stays cheap to compare.
@@ -528,7 +529,7 @@ def fit_schedules(
     result is kept. So a fitted schedule is never further from the teacher than the formula; a second start alone
     could waste the new call (a point inserted next to sigma_min changes nothing, and the descent from there stayed
     put on our digits baseline at NFE 5 and 6). With `search="bounded"` (the default) each NFE runs the first descent
-    only, and stops it after [`bounded_descent_trials`] moved schedules (27 at NFE 3, 8 at NFE 10).
+    only, and stops it after [`bounded_descent_trials`] moved schedules (17 at NFE 3, 5 at NFE 10).
     Then, with `validate`, [`validate_schedules`] scores every fitted schedule and the formula again on
     `num_validation_samples` fresh draws of `generator`, and the scheduler keeps only the fitted schedules that are
     closer there: a schedule that won on the search's draws by their chance alone goes back to the formula.
