@@ -99,7 +99,7 @@ def markdown(results: dict) -> str:
              "\"select\" (stop 22's cheaper search, removed at stop 23) kept that closest start (and descended only "
              "where it got no closer with one more call); these two ran with one job per core. \"bounded\" (the "
              "default search since stop 23) descends from the closest of Karras and Karras after a first step to 80 / "
-             "4, 8, 16, 32 and stops after 52 / NFE moved schedules; it ran beside other jobs on the 2 cores.", "",
+             "4, 8, 16, 32 and stops after 52 / NFE moved schedules; it ran alone on the machine.", "",
              "Pixel FD: distance to the teacher on 1,024 fresh draws (the fit's criterion, out of sample). Classifier "
              "FD: 2,000 samples vs the held-out split. Images denoised = UNet calls x images per call; training = "
              "steps x batch (forward and backward).", ""]

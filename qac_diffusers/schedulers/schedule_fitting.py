@@ -19,7 +19,7 @@ closest of the formula schedule and a few variants of it (Karras after a longer 
 shifted grids) and accepts only improvements, so a fitted schedule never scores worse than the formula; a second
 descent starts from the schedule fitted for one NFE less with one point inserted, when that is closer. The default
 search ("bounded") runs only the first descent and stops it after about 26 model calls' worth of moves: the first
-moves gain the most, and on our digits models the bound cut the search's model calls 3x for most of the gain (README
+moves gain the most, and on our digits models the bound cut the search's model calls 3-4x for most of the gain (README
 "Fitted schedules").
 A search that accepts every improvement on one set of noise draws also fits that set's chance: each fitted schedule is
 therefore scored again, with the formula's, on fresh noise and codes, and kept only where it is still closer to the
