@@ -41,6 +41,7 @@ from qac_diffusers.models.fingerprint import model_fingerprint
 from qac_diffusers.models.gaussian_condition_encoder import check_prior_weight
 from qac_diffusers.models.noise_encoder import PAPER_BETA
 from qac_diffusers.schedulers.schedule_fitting import (
+    BOUNDED_DESCENT_BUDGET,
     DEFAULT_FIT_NFE,
     DEFAULT_SEARCH,
     DEFAULT_SEARCH_SAMPLES,
@@ -191,7 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     logs.add_argument(
         "--fit_schedule_search", choices=SEARCHES, default=DEFAULT_SEARCH,
-        help="bounded: the descent from the closest of a few formula schedules, stopped after 52 / NFE moves; "
+        help="bounded: the descent from the closest of a few formula schedules, stopped after "
+        f"{BOUNDED_DESCENT_BUDGET} / NFE moves; "
         "descent: that descent to its end and a second one from the fit for one call fewer, 3-4x the model calls, "
         "closer to the teacher (README, Fitted schedules).",
     )

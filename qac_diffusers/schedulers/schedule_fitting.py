@@ -430,18 +430,20 @@ def closest_start(distance, starts: list[list[float]]) -> tuple[list[float], flo
     return start, distance(start)
 
 
-def _fit_one(distance, starts: list[list[float]], below: list[float] | None, log_steps: Sequence[float]):
+def _fit_one(distance, starts: list[list[float]], below: list[float] | None, log_steps: Sequence[float],
+             max_trials: int | None = None):
     """
     The schedule fitted for one NFE: the descent from the closest of `starts` (the formula schedule first, which wins
     ties), and, when a schedule was fitted for one model call less (`below`), also the descent from the best of its
     one-point insertions if that one starts closer to the teacher than the first descent ended; the closer of the two.
+    Each descent scores at most `max_trials` moves ([`coordinate_descent`]).
     """
-    fitted = coordinate_descent(distance, closest_start(distance, starts)[0], log_steps)
+    fitted = coordinate_descent(distance, closest_start(distance, starts)[0], log_steps, max_trials)
     insertions = [(distance(sigmas), sigmas) for sigmas in _insertions(below)] if below is not None else []
     if insertions:  # none where `below` has no gap between two finite, positive points
         start_distance, start = min(insertions, key=lambda pair: pair[0])
         if start_distance < fitted[1]:
-            fitted = min(fitted, coordinate_descent(distance, start, log_steps), key=lambda pair: pair[1])
+            fitted = min(fitted, coordinate_descent(distance, start, log_steps, max_trials), key=lambda pair: pair[1])
     return fitted
 
 
@@ -458,8 +460,7 @@ def _fit_nfe(distance, starts: list[list[float]], below: list[float] | None, sea
     [`bounded_descent_trials`] moves.
     """
     if search == "bounded":
-        trials = bounded_descent_trials(num_inference_steps)
-        return coordinate_descent(distance, closest_start(distance, starts)[0], log_steps, trials)
+        return _fit_one(distance, starts, None, log_steps, bounded_descent_trials(num_inference_steps))
     return _fit_one(distance, starts, below, log_steps)
 
 
