@@ -135,8 +135,8 @@ def main() -> None:
         "Command: `python benchmarks/fitted_schedules_exact_denoiser.py` "
         f"(took {time.perf_counter() - started:.0f} s). Fitted on {args.fit_samples} noise draws and kept where it is "
         f"closer than Karras on {DEFAULT_VALIDATION_SAMPLES} fresh ones too (as `fit_schedules` validates; "
-        "elsewhere 'fitted' is Karras; 'fitted': `search=\"descent\"`, the full search; 'bounded': the default "
-        f"search, the descent stopped after {BOUNDED_DESCENT_BUDGET} / NFE moves, kept the same way), "
+        "elsewhere the row repeats Karras; 'fitted': `search=\"descent\"`, the full search; 'bounded': the default "
+        f"search, the descent stopped after {BOUNDED_DESCENT_BUDGET} / NFE moves), "
         "evaluated on "
         f"{args.eval_samples} others against the converged solution of the same ODE at sigma_min. RMS: per-sample "
         "error; FD: Frechet distance of the pixels (clamped to [-1, 1]) to the converged samples. Lower is better.",
