@@ -28,6 +28,8 @@ from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_TEACHER_STEPS,
     DEFAULT_VALIDATION_SAMPLES,
     SEARCHES,
+    check_fit_nfe,
+    check_sample_counts,
     fit_schedules,
 )
 
@@ -58,13 +60,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--output_dir", help="Save the pipeline with the fitted schedules here; required for a Hub repo id. By "
         "default it is saved back into the model folder."
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:  # before the model loads, with the library's own checks (train_qac.py runs them too)
+        check_fit_nfe(args.nfe, args.teacher_steps)
+        check_sample_counts({"--num_samples": args.num_samples, "--validation_samples": args.validation_samples})
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.output_dir is None and not Path(args.model).is_dir():
-        raise SystemExit(f"{args.model!r} is not a local folder: pass --output_dir to save the fitted pipeline.")
+        raise SystemExit(
+            f"{args.model!r} is not a local folder: check the path, or for a Hub repo id pass --output_dir to save "
+            "the fitted pipeline."
+        )
     pipe = QACPipeline.from_pretrained(args.model).to(args.device)
     if args.scheduler is not None:
         pipe.scheduler = pipe.formulation.solver(args.scheduler)

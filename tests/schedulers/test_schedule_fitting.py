@@ -362,6 +362,12 @@ def test_fit_schedule_script_writes_the_model_folders_scheduler(fitted, tmp_path
 
     with pytest.raises(SystemExit, match="pass --output_dir"):
         script.main(["--model", "user/not-a-folder"])
+    # bad NFE and draw counts are refused before the model loads, with the library's messages
+    for flags, message in ((["--nfe", "3", "70"], "must exceed the largest NFE fitted (70)"),
+                           (["--num_samples", "1"], "`--num_samples` must be an integer >= 2")):
+        with pytest.raises(SystemExit):
+            script.main(["--model", str(tmp_path / "no-such-model"), *flags])
+        assert message in capsys.readouterr().err
     script.main(["--model", str(tmp_path / "model"), "--nfe", "2", "--num_samples", "6", "--teacher_steps", "3",
                  "--validation_samples", "6", "--device", "cpu", "--search", "descent", "--output_dir",
                  str(tmp_path / "descent")])
