@@ -39,9 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="A folder written by train_qac.py or a Hub repo id.")
     parser.add_argument("--nfe", type=int, nargs="+", default=list(DEFAULT_FIT_NFE))
     parser.add_argument("--search", choices=SEARCHES, default=DEFAULT_SEARCH,
-                        help="bounded: the descent from the closest start, stopped after "
-                        f"{BOUNDED_DESCENT_BUDGET} / NFE moves (the default); descent: the full search, 3-4x the "
-                        "model calls.")
+                        help="bounded: the descent from the closest start (the fit for one NFE fewer, stretched, "
+                        f"among them), stopped after {BOUNDED_DESCENT_BUDGET} / NFE moves (the default); descent: "
+                        "the full search, 3-4x the model calls.")
     parser.add_argument("--num_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,
                         help="Noise draws the search compares candidates on.")
     parser.add_argument(

@@ -18,9 +18,10 @@ samples pays for through its covariance. The search is a coordinate descent on l
 closest of the formula schedule and a few variants of it (Karras after a longer free first step; rectified flow's
 shifted grids) and accepts only improvements, so a fitted schedule never scores worse than the formula; a second
 descent starts from the schedule fitted for one NFE less with one point inserted, when that is closer. The default
-search ("bounded") runs only the first descent and stops it after about 26 model calls' worth of moves: the first
-moves gain the most, and on our digits models the bound cut the search's model calls 3-4x for most of the gain (README
-"Fitted schedules").
+search ("bounded") runs one descent, stopped after 40 / NFE moves, from the closest of the starts and of the schedule
+fitted for one NFE less stretched to one more point (its warm start): the first moves gain the most, the fit one
+below is often closer than any formula, and on our digits models this cut the search's model calls 3-4x for most of
+the gain (README "Fitted schedules").
 A search that accepts every improvement on one set of noise draws also fits that set's chance: each fitted schedule is
 therefore scored again, with the formula's, on fresh noise and codes, and kept only where it is still closer to the
 teacher there ([`validate_schedules`]); elsewhere the scheduler keeps the formula.
@@ -63,15 +64,17 @@ DEFAULT_LOG_STEPS = (0.5, 0.2)
 # to 10: left out since stop 23.)
 FIRST_STEP_DIVISORS = (4, 8, 16, 32)
 FLOW_START_SHIFTS = (0.25, 0.5, 2.0)
-# "bounded" (the default): the coordinate descent from the closest start, stopped after
-# `bounded_descent_trials(nfe)` moved schedules; "descent": that descent until no move improves, and a second one from
-# the fit for one call fewer with a point inserted (the full search, 3-4x the model calls).
+# "bounded" (the default): the coordinate descent from the closest start (the fit for one call fewer, stretched to
+# one more point, among them), stopped after `bounded_descent_trials(nfe)` moved schedules; "descent": the descent
+# from the closest formula start until no move improves, and a second one from the fit for one call fewer with a point
+# inserted (the full search, 3-4x the model calls).
 SEARCHES = ("bounded", "descent")
 DEFAULT_SEARCH = "bounded"
-# The bounded descent's moves times the NFE: a move re-runs the sampler from the moved point, about NFE / 2 model
-# calls, so each NFE's descent gets about 26 calls (5 moves at NFE 10, 17 at NFE 3, where moves are cheap): over NFE
-# 3-10 as many calls as 8 moves at every NFE, which took 3.9% of the training in `make demo` (80 took 5.1%).
-BOUNDED_DESCENT_BUDGET = 52
+# The bounded descent's moves times the NFE: a move re-runs the sampler from the moved point, up to NFE model calls,
+# so the low NFE, where moves are cheap, get more moves (13 at NFE 3, 4 at NFE 10). 40 with the warm start costs as
+# many model calls over NFE 3-10 as 52 without it (stop 23's budget: 4.5-4.6% of the training in `make demo`), and its
+# fits were closer to the teacher on fresh draws (README "Fitted schedules").
+BOUNDED_DESCENT_BUDGET = 40
 # Sampler states kept for runs that share their first points (each: the sample, up to 4 derivatives, a model output).
 MAX_KEPT_STATES = 32
 # Pixel features are average-pooled to at most this many dimensions, so that a covariance stays cheap to compare.
@@ -456,12 +459,36 @@ def _fit_nfe(distance, starts: list[list[float]], below: list[float] | None, sea
              log_steps: Sequence[float], num_inference_steps: int) -> tuple[list[float], float]:
     """
     The schedule fitted for `num_inference_steps` calls by `search`: with "descent" [`_fit_one`]'s (`below`: the fit
-    for one call fewer, or `None`); with "bounded" the descent from the closest of `starts` that scores at most
-    [`bounded_descent_trials`] moves.
+    for one call fewer, or `None`); with "bounded" the descent from the closest of `starts` and of `below` stretched
+    to one more point ([`_stretched`], the warm start), scoring at most [`bounded_descent_trials`] moves.
     """
     if search == "bounded":
+        warm_start = _stretched(below) if below is not None else None
+        if warm_start is not None and len(warm_start) == len(starts[0]):
+            starts = [*starts, warm_start]
         return _fit_one(distance, starts, None, log_steps, bounded_descent_trials(num_inference_steps))
     return _fit_one(distance, starts, below, log_steps)
+
+
+def _stretched(sigmas: list[float]) -> list[float] | None:
+    """
+    `sigmas` (search coordinates) with one more point, the same shape: its positive, finite points after the first,
+    read at one more evenly spaced position by linear interpolation in log sigma over their index, with both of their
+    ends kept; the first point (EDM's sigma_max, rectified flow's t = 1) and a final 0 stay. `None` where fewer than
+    two points can be stretched.
+    """
+    first, *rest = sigmas
+    logs = [math.log(sigma) for sigma in rest if 0 < sigma < math.inf]
+    count = len(logs)
+    if count < 2:
+        return None
+    stretched = []
+    for index in range(count + 1):
+        position = index * (count - 1) / count
+        low = min(int(position), count - 2)
+        stretched.append(math.exp(logs[low] + (position - low) * (logs[low + 1] - logs[low])))
+    stretched[0], stretched[-1] = rest[0], rest[count - 1]  # exactly, not through exp(log(.))
+    return [first, *stretched, *rest[count:]]
 
 
 @torch.no_grad()
@@ -529,8 +556,10 @@ def fit_schedules(
     mean of two neighbours) is a second start if it is already closer than the first descent ended, and the closer
     result is kept. So a fitted schedule is never further from the teacher than the formula; a second start alone
     could waste the new call (a point inserted next to sigma_min changes nothing, and the descent from there stayed
-    put on our digits baseline at NFE 5 and 6). With `search="bounded"` (the default) each NFE runs the first descent
-    only, and stops it after [`bounded_descent_trials`] moved schedules (17 at NFE 3, 5 at NFE 10).
+    put on our digits baseline at NFE 5 and 6). With `search="bounded"` (the default) each NFE runs one descent, from
+    the closest of the starts and, when the NFE one below is fitted in the same call, of its schedule stretched to one
+    more point (the warm start), and stops it after [`bounded_descent_trials`] moved schedules (13 at NFE 3, 4 at
+    NFE 10).
     Then, with `validate`, [`validate_schedules`] scores every fitted schedule and the formula again on
     `num_validation_samples` fresh draws of `generator`, and the scheduler keeps only the fitted schedules that are
     closer there: a schedule that won on the search's draws by their chance alone goes back to the formula.
@@ -544,9 +573,9 @@ def fit_schedules(
         teacher_steps (`int`, defaults to 64): Model calls of the teacher (see [`ScheduleDistance`]); more than the
             largest NFE.
         generator (`torch.Generator`, *optional*): The random source of the noise and the codes.
-        search (`str`, defaults to `"bounded"`): `"bounded"` (the descent from the closest start, stopped after
-            [`bounded_descent_trials`] moves) or `"descent"` (both descents, until no move improves; README "Fitted
-            schedules" compares the two).
+        search (`str`, defaults to `"bounded"`): `"bounded"` (the descent from the closest start, the warm start
+            included, stopped after [`bounded_descent_trials`] moves) or `"descent"` (both descents, until no move
+            improves; README "Fitted schedules" compares the two).
         log_steps (`Sequence[float]`, defaults to `(0.5, 0.2)`): The step sizes of the descent in log sigma (of t / (1
             - t) for rectified flow), largest first.
         validate (`bool`, defaults to `True`): Keep only the fitted schedules that are closer than the formula on

@@ -24,6 +24,7 @@ from qac_diffusers.schedulers.schedule_fitting import (
     _fit_nfe,
     _fit_one,
     _insertions,
+    _stretched,
     bounded_descent_trials,
     closest_start,
     coordinate_descent,
@@ -171,13 +172,14 @@ def test_fit_is_deterministic_and_never_worse_than_the_formula(fitted):
     again = fit_schedules(make_tiny_pipeline(), FIT_NFES, **FIT_SETTINGS, generator=seeded(0), search="descent",
                           validate=False, progress_bar=False)
     assert again.scheduler.config.fitted_sigmas == output.scheduler.config.fitted_sigmas
-    # the default, bounded search: deterministic too, and between the formula and the full descent (its descent is
-    # the full one's first, cut short)
+    # the default, bounded search: deterministic too, and never worse than the formula (at NFE 1, with no fit below
+    # for a warm start, its descent is the full one's first, cut short: between the two)
     bounded = [fit_schedules(make_tiny_pipeline(), FIT_NFES, **FIT_SETTINGS, generator=seeded(0), validate=False,
                              progress_bar=False) for _ in range(2)]
     assert bounded[0].scheduler.config.fitted_sigmas == bounded[1].scheduler.config.fitted_sigmas
     for nfe in FIT_NFES:
-        assert output.fitted_distances[nfe] <= bounded[0].fitted_distances[nfe] <= output.formula_distances[nfe]
+        assert bounded[0].fitted_distances[nfe] <= output.formula_distances[nfe]
+    assert output.fitted_distances[1] <= bounded[0].fitted_distances[1]
     assert bounded[0].num_model_calls < output.num_model_calls == calls
 
 
@@ -458,20 +460,39 @@ def test_edm_search_starts_from_karras_schedules_after_longer_first_steps():
     assert karras_starts(no_afs, 1) == [pytest.approx([80.0, 0.002])]
 
 
-def test_bounded_descent_gets_about_the_same_model_calls_at_every_nfe():
-    # a move costs about NFE / 2 calls: the moves scale as 1 / NFE, at least one
-    assert [bounded_descent_trials(nfe) for nfe in (1, 3, 4, 5, 8, 10, 52, 200)] == [52, 17, 13, 10, 6, 5, 1, 1]
+def test_bounded_descent_gives_the_low_nfe_more_moves():
+    # a move re-runs the sampler from the moved point, up to NFE calls: the moves scale as 1 / NFE, at least one
+    assert [bounded_descent_trials(nfe) for nfe in (1, 3, 4, 5, 8, 10, 40, 200)] == [40, 13, 10, 8, 5, 4, 1, 1]
 
 
-def test_bounded_search_is_the_descent_from_the_closest_start_cut_short():
-    # The closest start is in the poor basin: the bounded search descends from it for the moves of its NFE (5 at NFE
-    # 10), with no second start from `below` (which the full descent takes to the good basin)
+def test_stretched_schedule_reads_the_log_sigmas_at_one_more_point():
+    # EDM: sigma_max stays; the points after it, ends kept, at 3 evenly spaced positions instead of 2 in log sigma
+    stretched = _stretched([80.0, 9.0, 0.9, 0.002])
+    assert stretched == [80.0, 9.0, pytest.approx(9.0 * 10 ** (-2 / 3)), pytest.approx(0.9 * (0.002 / 0.9) ** (1 / 3)),
+                         0.002]
+    assert stretched[2:4] == pytest.approx([1.9389912, 0.1174460])
+    assert stretched[1] == 9.0 and stretched[-1] == 0.002  # exactly
+    # rectified flow in search coordinates: t = 1 (infinity) and t = 0 (0) stay, the points between are stretched
+    assert _stretched([math.inf, 3.0, 0.2, 0.0]) == [math.inf, 3.0, pytest.approx(math.sqrt(0.6)), 0.2, 0.0]
+    # fewer than two points to stretch: no schedule
+    assert _stretched([80.0, 0.002]) is None and _stretched([math.inf, 1.0, 0.0]) is None
+
+
+def test_bounded_search_descends_from_the_closest_start_the_stretched_fit_below_included():
+    # Both formula starts are in the poor basin; the fit for one call fewer, stretched to one more point, starts
+    # closer. Without it the bounded search descends from the closest formula start for the moves of its NFE (4 at
+    # NFE 10); with it, from the warm start, further down. The full descent takes `below` to the good basin.
     distance, below = two_basin_distance, [80.0, 9.0, 0.9, 0.002]
     starts = [[80.0, 79.0, 78.0, 0.5, 0.002], [80.0, 79.5, 78.5, 0.4, 0.002]]
-    closest = min(starts, key=distance)
+    closest, trials = min(starts, key=distance), bounded_descent_trials(10)
+    alone = _fit_nfe(distance, starts, None, "bounded", (0.5,), 10)
+    assert alone == coordinate_descent(distance, closest, (0.5,), trials)
+    assert distance(closest) > alone[1] > coordinate_descent(distance, closest, (0.5,))[1] >= 0.3
+    warm = _stretched(below)
+    assert distance(warm) < distance(closest)
     bounded = _fit_nfe(distance, starts, below, "bounded", (0.5,), 10)
-    assert bounded == coordinate_descent(distance, closest, (0.5,), bounded_descent_trials(10))
-    assert distance(closest) > bounded[1] > coordinate_descent(distance, closest, (0.5,))[1] >= 0.3
+    assert bounded == coordinate_descent(distance, warm, (0.5,), trials)
+    assert bounded[1] < min(distance(warm), alone[1])
     assert _fit_nfe(distance, starts, below, "descent", (0.5,), 10)[1] == pytest.approx(0.0)
 
 
@@ -479,16 +500,19 @@ def test_bounded_search_on_a_pipeline_descends_from_the_closest_start_within_its
     pipe = make_tiny_pipeline()
     output = fit_schedules(pipe, FIT_NFES, **FIT_SETTINGS, generator=seeded(0), validate=False, progress_bar=False)
     # the same steps on a distance with the same draws: the formula scored first, then the bounded descent from the
-    # closest start; the same schedules, distances and UNet calls
+    # closest start (from NFE 2 on, the fit one below stretched among them); the same schedules, distances and calls
     distance = ScheduleDistance(pipe, **FIT_SETTINGS, generator=seeded(0))
+    below = None
     for nfe, sigmas in zip(FIT_NFES, output.scheduler.config.fitted_sigmas):
-        starts = distance.search_starts(nfe)
+        starts = distance.search_starts(nfe) + ([_stretched(below)] if below else [])
+        assert all(len(start) == nfe + 2 for start in starts)
         assert output.formula_distances[nfe] == distance(starts[0])
         closest, _ = closest_start(distance, starts)
         assert (sigmas, output.fitted_distances[nfe]) == coordinate_descent(
             distance, closest, DEFAULT_LOG_STEPS, bounded_descent_trials(nfe)
         )
         assert output.fitted_distances[nfe] < output.formula_distances[nfe]
+        below = sigmas
     assert output.num_model_calls == distance.num_model_calls
 
 
