@@ -18,6 +18,7 @@ few_step_quality.py uses.
 """
 
 import argparse
+import functools
 import itertools
 import json
 import time
@@ -127,10 +128,35 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
         args, model_dir, pipe, seed, bounded, BOUNDED, classifier, heldout_features, FIT_FOLDERS[BOUNDED]
     )
     results["fd"][BOUNDED] = results["bounded"]["fd"][BOUNDED]
+    results["to_teacher"] = distances_to_teacher(args, model_dir, pipe, seed, {**samplers, **bounded}, classifier)
     pipe.scheduler = karras
     key = f"teacher pixel frechet_distance to {4 * DEFAULT_TEACHER_STEPS} calls {TEACHER_CHECK_DRAWS} draws"
     results["teacher_error"] = few_step.cached(model_dir, key, teacher_error, pipe)
     return results
+
+
+def distances_to_teacher(args, model_dir: Path, pipe: QACPipeline, seed: int, samplers: dict, classifier) -> dict:
+    """
+    FD[sampler][nfe] in the classifier features between each sampler's samples and the teacher's from the same noise
+    and codes (the draws of the FD to the data): how far each sampler is from the solution of the model's ODE, which
+    the fits approach, without the data's side. Each cached in the model's folder; the teacher sampled only if needed.
+    """
+    teacher_scheduler, (teacher_nfe,) = samplers[TEACHER]
+    teacher = functools.cache(lambda: sample_features(pipe, teacher_scheduler, args.num_samples, teacher_nfe, seed,
+                                                      classifier))
+    distances = {}
+    for name, (scheduler, nfes) in samplers.items():
+        for nfe in nfes if name != TEACHER else ():
+            key = f"classifier frechet_distance to {TEACHER} {name} nfe {nfe} {args.num_samples} samples"
+            distances.setdefault(name, {})[nfe] = few_step.cached(model_dir, key, lambda: frechet_distance(
+                sample_features(pipe, scheduler, args.num_samples, nfe, seed, classifier), teacher()))
+    return distances
+
+
+def sample_features(pipe: QACPipeline, scheduler, num_samples: int, nfe: int, seed: int, classifier) -> torch.Tensor:
+    """The classifier features of few_step_quality.py's samples (seed 1000 + `seed`) with `scheduler` at `nfe`."""
+    pipe.scheduler = scheduler
+    return extract_features(classifier, few_step.generate(pipe, num_samples, nfe, seed=1000 + seed))
 
 
 def teacher_error(pipe: QACPipeline) -> float:
@@ -221,7 +247,8 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
         f"{accuracy:.3f}), mean ± std over seeds; real training split vs held-out: {floor:.2f}. Fits: "
         f"`fit_schedules` ({DEFAULT_SEARCH_SAMPLES} noise draws in the search, {DEFAULT_TEACHER_STEPS}-call "
         f"teacher, log steps {'/'.join(map(str, DEFAULT_LOG_STEPS))}); {BOUNDED}: its default search, \"bounded\" "
-        "(the descent from the closest of Karras and Karras after a first step to 80 / 4, 8, 16, 32, stopped after "
+        "(the descent from the closest of Karras, Karras after a first step to 80 / 4, 8, 16, 32 and the fit for one "
+        "NFE fewer stretched to one more point, stopped after "
         f"{BOUNDED_DESCENT_BUDGET} / NFE moves; validation on {FIT_SETTINGS[BOUNDED]['num_validation_samples']} "
         "draws); "
         f"{FITTED}: `search=\"descent\"`, the full search (the descent run to its end, and a second one from the "
@@ -250,7 +277,7 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
             lines.append(f"| {nfe} | " + " | ".join(row) + f" | {best} | {' | '.join(verdicts)} | {on_karras} |")
         for fit, fit_runs in ((FITTED, runs), (BOUNDED, bounded_runs)):
             lines += ["", *no_hole_lines(args, fit_runs, fit)]
-        lines += ["", *converged_lines(args, runs), ""]
+        lines += ["", *converged_lines(args, runs), "", *teacher_table(args, runs, solvers), ""]
     lines += ["## Moonshot: QAC fitted at NFE N vs the baseline (fixed iPNDM, Karras) at "
               f"{args.moonshot_factor}N", "", "| N | QAC fitted | baseline Karras at 5N |", "|---|---|---|"]
     for nfe in args.moonshot_nfe:
@@ -263,6 +290,19 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
         for nfe, sigmas in zip(run["fitted_nfe"], run["fitted_sigmas"] or []):
             lines.append(f"- {model} {fit} NFE {nfe}: " + ", ".join(f"{sigma:.3g}" for sigma in sigmas))
     return "\n".join(lines) + "\n"
+
+
+def teacher_table(args, runs: list[dict], solvers: list[str]) -> list[str]:
+    """The markdown lines of each sampler's FD to the converged sampler (`distances_to_teacher`), mean ± std."""
+    lines = [f"FD to the converged sampler ({TEACHER}, {DEFAULT_TEACHER_STEPS} calls) in the same classifier "
+             f"features, from the same {args.num_samples} noise draws and codes:", "",
+             "| NFE | " + " | ".join(solvers) + " | closest |", "|---" * (len(solvers) + 2) + "|"]
+    for nfe in args.nfe:
+        cells = {solver: [run["to_teacher"][solver][nfe] for run in runs] for solver in solvers}
+        closest = min(solvers, key=lambda solver: np.mean(cells[solver]))
+        lines.append(f"| {nfe} | " + " | ".join(few_step.mean_std(cells[solver], 3) for solver in solvers)
+                     + f" | {closest} |")
+    return lines
 
 
 def no_hole_lines(args, runs: list[dict], fitted: str) -> list[str]:
