@@ -124,7 +124,8 @@ def markdown(args, results: dict, floor: float, accuracy: float) -> str:
         f"Heun teacher of {DEFAULT_TEACHER_STEPS - 1} calls); {FITTED} and {HEUN_FITTED} (Heun fitted at the odd "
         "NFE): `search=\"descent\"`, the full search (fitted before stop 23, validation on "
         f"{fitted_schedules.FIT_SETTINGS[fitted_schedules.FITTED]['num_validation_samples']} draws); {BOUNDED}: the "
-        "default search, \"bounded\" (the descent from the closest of RNE's grid and its shifts, stopped after "
+        "default search, \"bounded\" (the descent from the closest of RNE's grid, its shifts and the fit for one NFE "
+        "fewer stretched to one more point, stopped after "
         f"{BOUNDED_DESCENT_BUDGET} / NFE moves; validation on {DEFAULT_VALIDATION_SAMPLES} draws). Seeds on RNE's "
         "grid: where the fit's validation kept the uniform grid, by fit.",
         "",
