@@ -464,8 +464,7 @@ def _fit_nfe(distance, starts: list[list[float]], below: list[float] | None, sea
     """
     if search == "bounded":
         warm_start = _stretched(below) if below is not None else None
-        if warm_start is not None and len(warm_start) == len(starts[0]):
-            starts = [*starts, warm_start]
+        starts = starts if warm_start is None else [*starts, warm_start]
         return _fit_one(distance, starts, None, log_steps, bounded_descent_trials(num_inference_steps))
     return _fit_one(distance, starts, below, log_steps)
 
