@@ -4,9 +4,10 @@ On the six digits models of benchmarks/few_step_quality.py (QAC and the baseline
 the validation, on the same 64 search draws (seed 0), by:
 
 - "stop 23": the bounded search as it was at stop 23, the descent from the closest of Karras and Karras after a first
-  step to 80 / 4, 8, 16, 32, stopped after 52 / NFE moves;
+  step to 80 / 4, 8, 16, 32, stopped after `BOUNDED_DESCENT_BUDGET` / NFE moves (52);
 - "warm start": `fit_schedules`' default search since stop 24, the same with the fit for one NFE fewer stretched to
-  one more point among the starts, stopped after `BOUNDED_DESCENT_BUDGET` / NFE moves;
+  one more point among the starts, stopped after `WARM_START_DESCENT_BUDGET` / NFE moves (40) where it has one (not
+  at the first NFE);
 
 and score every fitted schedule and Karras on 1,024 fresh draws (seed 4242): the fit's criterion (pixel Frechet
 distance to the teacher's samples from the same noise and codes), out of sample.
@@ -31,14 +32,14 @@ from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_LOG_STEPS,
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_TEACHER_STEPS,
+    WARM_START_DESCENT_BUDGET,
     ScheduleDistance,
-    _fit_one,
+    _fit_nfe,
     fit_schedules,
 )
 
 
 NFES = list(range(3, 11))
-STOP_23_BUDGET = 52  # stop 23's moves times the NFE, without the warm start
 SEARCH_SEED, SCORE_SEED, SCORE_SAMPLES = 0, 4242, 1024
 
 
@@ -52,15 +53,18 @@ def parse_args() -> argparse.Namespace:
 
 
 def stop_23_fit(pipe: QACPipeline) -> tuple[list[list[float]], int]:
-    """Stop 23's bounded search: the schedules for `NFES` and the model calls of the search, its teacher included."""
+    """
+    Stop 23's bounded search, i.e. today's without the warm start (`_fit_nfe` with no fit below): the schedules for
+    `NFES` and the model calls of the search, its teacher included.
+    """
     distance = ScheduleDistance(pipe, DEFAULT_SEARCH_SAMPLES, DEFAULT_TEACHER_STEPS,
                                 torch.Generator().manual_seed(SEARCH_SEED))
     fitted = []
     for nfe in NFES:
         starts = distance.search_starts(nfe)
         distance.search_distance(starts[0])  # the formula first, as fit_schedules scores it
-        trials = max(1, round(STOP_23_BUDGET / nfe))
-        fitted.append(_fit_one(distance.search_distance, starts, None, DEFAULT_LOG_STEPS, trials)[0])
+        sigmas, _ = _fit_nfe(distance.search_distance, starts, None, "bounded", DEFAULT_LOG_STEPS, nfe)
+        fitted.append(distance.from_search(sigmas))
     return fitted, distance.num_model_calls
 
 
@@ -83,8 +87,9 @@ def markdown(results: dict) -> str:
              "Command: `python benchmarks/bounded_search_warm_start.py --work_dir benchmarks/work` (see its header). "
              f"Pixel FD to the teacher on {SCORE_SAMPLES} fresh draws (the fit's criterion, out of sample; lower is "
              f"better). Model calls: the search's, its {DEFAULT_TEACHER_STEPS}-call teacher included, on "
-             f"{DEFAULT_SEARCH_SAMPLES} images each. \"stop 23\": {STOP_23_BUDGET} / NFE moves without the warm "
-             f"start; \"warm start\": the default since stop 24, {BOUNDED_DESCENT_BUDGET} / NFE moves.", "",
+             f"{DEFAULT_SEARCH_SAMPLES} images each. \"stop 23\": {BOUNDED_DESCENT_BUDGET} / NFE moves without the "
+             f"warm start; \"warm start\": the default since stop 24, {WARM_START_DESCENT_BUDGET} / NFE moves after "
+             "the warm start (none at NFE 3).", "",
              "| model | search | model calls | " + " | ".join(f"NFE {nfe}" for nfe in NFES) + " |",
              "|---" * (len(NFES) + 3) + "|"]
     for model, fits in results.items():

@@ -212,10 +212,14 @@ def generate(pipe: QACPipeline, num_samples: int, nfe: int, seed: int, batch_siz
     return torch.cat(batches)
 
 
+def sample_features(pipe, num_samples: int, nfe: int, seed: int, classifier) -> torch.Tensor:
+    """The classifier features of `num_samples` samples at `nfe`, drawn with seed 1000 + `seed`."""
+    return extract_features(classifier, generate(pipe, num_samples, nfe, seed=1000 + seed))
+
+
 def sample_frechet_distance(pipe, num_samples: int, nfe: int, seed: int, classifier, heldout_features) -> float:
     """FD of `num_samples` samples at `nfe`, drawn with seed 1000 + `seed`, to the held-out features."""
-    samples = generate(pipe, num_samples, nfe, seed=1000 + seed)
-    return frechet_distance(extract_features(classifier, samples), heldout_features)
+    return frechet_distance(sample_features(pipe, num_samples, nfe, seed, classifier), heldout_features)
 
 
 def evaluate_models(args, work_dir: Path, classifier, heldout_features) -> tuple[dict, dict]:

@@ -43,6 +43,7 @@ from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_TEACHER_STEPS,
     DEFAULT_VALIDATION_SAMPLES,
+    WARM_START_DESCENT_BUDGET,
     ScheduleDistance,
     fit_schedules,
     fitted_scheduler_class,
@@ -142,21 +143,23 @@ def distances_to_teacher(args, model_dir: Path, pipe: QACPipeline, seed: int, sa
     the fits approach, without the data's side. Each cached in the model's folder; the teacher sampled only if needed.
     """
     teacher_scheduler, (teacher_nfe,) = samplers[TEACHER]
-    teacher = functools.cache(lambda: sample_features(pipe, teacher_scheduler, args.num_samples, teacher_nfe, seed,
-                                                      classifier))
+    teacher = functools.cache(lambda: scheduler_features(pipe, teacher_scheduler, args.num_samples, teacher_nfe, seed,
+                                                         classifier))
     distances = {}
     for name, (scheduler, nfes) in samplers.items():
-        for nfe in nfes if name != TEACHER else ():
+        if name == TEACHER:
+            continue
+        for nfe in nfes:
             key = f"classifier frechet_distance to {TEACHER} {name} nfe {nfe} {args.num_samples} samples"
             distances.setdefault(name, {})[nfe] = few_step.cached(model_dir, key, lambda: frechet_distance(
-                sample_features(pipe, scheduler, args.num_samples, nfe, seed, classifier), teacher()))
+                scheduler_features(pipe, scheduler, args.num_samples, nfe, seed, classifier), teacher()))
     return distances
 
 
-def sample_features(pipe: QACPipeline, scheduler, num_samples: int, nfe: int, seed: int, classifier) -> torch.Tensor:
-    """The classifier features of few_step_quality.py's samples (seed 1000 + `seed`) with `scheduler` at `nfe`."""
+def scheduler_features(pipe: QACPipeline, scheduler, num_samples: int, nfe: int, seed: int, classifier):
+    """few_step_quality.py's `sample_features` with `scheduler` set on the pipeline."""
     pipe.scheduler = scheduler
-    return extract_features(classifier, few_step.generate(pipe, num_samples, nfe, seed=1000 + seed))
+    return few_step.sample_features(pipe, num_samples, nfe, seed, classifier)
 
 
 def teacher_error(pipe: QACPipeline) -> float:
@@ -249,8 +252,8 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
         f"teacher, log steps {'/'.join(map(str, DEFAULT_LOG_STEPS))}); {BOUNDED}: its default search, \"bounded\" "
         "(the descent from the closest of Karras, Karras after a first step to 80 / 4, 8, 16, 32 and the fit for one "
         "NFE fewer stretched to one more point, stopped after "
-        f"{BOUNDED_DESCENT_BUDGET} / NFE moves; validation on {FIT_SETTINGS[BOUNDED]['num_validation_samples']} "
-        "draws); "
+        f"{BOUNDED_DESCENT_BUDGET} / NFE moves ({WARM_START_DESCENT_BUDGET} after the warm start); validation on "
+        f"{FIT_SETTINGS[BOUNDED]['num_validation_samples']} draws); "
         f"{FITTED}: `search=\"descent\"`, the full search (the descent run to its end, and a second one from the "
         "fit for one call fewer with a point inserted; validation on "
         f"{FIT_SETTINGS[FITTED]['num_validation_samples']} draws; the committed results reuse the fits of stop 22, "

@@ -44,6 +44,7 @@ from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_LOG_STEPS,
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_VALIDATION_SAMPLES,
+    WARM_START_DESCENT_BUDGET,
     _fit_nfe,
     karras_starts,
     pixel_features,
@@ -138,7 +139,8 @@ def main() -> None:
         f"closer than Karras on {DEFAULT_VALIDATION_SAMPLES} fresh ones too (as `fit_schedules` validates; "
         "elsewhere the row repeats Karras; 'fitted': `search=\"descent\"`, the full search; 'bounded': the default "
         "search, the descent from the closest start (the fit for one NFE fewer stretched to one more point among "
-        f"them) stopped after {BOUNDED_DESCENT_BUDGET} / NFE moves), "
+        f"them) stopped after {BOUNDED_DESCENT_BUDGET} / NFE moves "
+        f"({WARM_START_DESCENT_BUDGET} after the warm start)), "
         "evaluated on "
         f"{args.eval_samples} others against the converged solution of the same ODE at sigma_min. RMS: per-sample "
         "error; FD: Frechet distance of the pixels (clamped to [-1, 1]) to the converged samples. Lower is better.",

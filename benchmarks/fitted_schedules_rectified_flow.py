@@ -38,6 +38,7 @@ from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_TEACHER_STEPS,
     DEFAULT_VALIDATION_SAMPLES,
+    WARM_START_DESCENT_BUDGET,
     ScheduleDistance,
     pixel_features,
 )
@@ -126,8 +127,9 @@ def markdown(args, results: dict, floor: float, accuracy: float) -> str:
         f"{fitted_schedules.FIT_SETTINGS[fitted_schedules.FITTED]['num_validation_samples']} draws); {BOUNDED}: the "
         "default search, \"bounded\" (the descent from the closest of RNE's grid, its shifts and the fit for one NFE "
         "fewer stretched to one more point, stopped after "
-        f"{BOUNDED_DESCENT_BUDGET} / NFE moves; validation on {DEFAULT_VALIDATION_SAMPLES} draws). Seeds on RNE's "
-        "grid: where the fit's validation kept the uniform grid, by fit.",
+        f"{BOUNDED_DESCENT_BUDGET} / NFE moves ({WARM_START_DESCENT_BUDGET} after the warm start); validation on "
+        f"{DEFAULT_VALIDATION_SAMPLES} draws). "
+        "Seeds on RNE's grid: where the fit's validation kept the uniform grid, by fit.",
         "",
     ]
     for model in MODELS:

@@ -25,6 +25,7 @@ from qac_diffusers.metrics import extract_features, train_feature_classifier
 from qac_diffusers.schedulers.schedule_fitting import (
     BOUNDED_DESCENT_BUDGET,
     DEFAULT_TEACHER_STEPS,
+    WARM_START_DESCENT_BUDGET,
     ScheduleDistance,
     fit_schedules,
     validate_schedules,
@@ -101,8 +102,9 @@ def markdown(results: dict) -> str:
              "where it got no closer with one more call); these two ran with one job per core. \"bounded\" (the "
              "default search since stop 23) descends from the closest of Karras, Karras after a first step to 80 / "
              "4, 8, 16, 32 and (since stop 24) the fit for one NFE fewer stretched to one more point, and stops "
-             f"after {BOUNDED_DESCENT_BUDGET} / NFE moved schedules (\"bounded at stop 23\": without the fit one "
-             "below, 52 / NFE); both ran alone on the machine.", "",
+             f"after {BOUNDED_DESCENT_BUDGET} / NFE moved schedules ({WARM_START_DESCENT_BUDGET} after the warm "
+             "start; \"bounded at stop 23\": without the "
+             "fit one below, 52 / NFE everywhere); both ran alone on the machine.", "",
              "Pixel FD: distance to the teacher on 1,024 fresh draws (the fit's criterion, out of sample). Classifier "
              "FD: 2,000 samples vs the held-out split. Images denoised = UNet calls x images per call; training = "
              "steps x batch (forward and backward).", ""]

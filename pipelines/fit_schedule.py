@@ -28,6 +28,7 @@ from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_TEACHER_STEPS,
     DEFAULT_VALIDATION_SAMPLES,
     SEARCHES,
+    WARM_START_DESCENT_BUDGET,
     check_fit_nfe,
     check_sample_counts,
     fit_schedules,
@@ -40,8 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nfe", type=int, nargs="+", default=list(DEFAULT_FIT_NFE))
     parser.add_argument("--search", choices=SEARCHES, default=DEFAULT_SEARCH,
                         help="bounded: the descent from the closest start (the fit for one NFE fewer, stretched, "
-                        f"among them), stopped after {BOUNDED_DESCENT_BUDGET} / NFE moves (the default); descent: "
-                        "the full search, 3-4x the model calls.")
+                        f"among them), stopped after {BOUNDED_DESCENT_BUDGET} / NFE moves "
+                        f"({WARM_START_DESCENT_BUDGET} after the warm start; the default); "
+                        "descent: the full search from the formula starts, 3-4x the model calls.")
     parser.add_argument("--num_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,
                         help="Noise draws the search compares candidates on.")
     parser.add_argument(

@@ -18,10 +18,10 @@ samples pays for through its covariance. The search is a coordinate descent on l
 closest of the formula schedule and a few variants of it (Karras after a longer free first step; rectified flow's
 shifted grids) and accepts only improvements, so a fitted schedule never scores worse than the formula; a second
 descent starts from the schedule fitted for one NFE less with one point inserted, when that is closer. The default
-search ("bounded") runs one descent, stopped after 40 / NFE moves, from the closest of the starts and of the schedule
-fitted for one NFE less stretched to one more point (its warm start): the first moves gain the most, the fit one
-below is often closer than any formula, and on our digits models this cut the search's model calls 3-4x for most of
-the gain (README "Fitted schedules").
+search ("bounded") runs one descent, stopped after 52 / NFE moves (40 / NFE after a warm start), from the closest of
+the starts and of the schedule fitted for one NFE less stretched to one more point (its warm start): the first moves
+gain the most, the fit one below is often closer than any formula, and on our digits models this cut the search's
+model calls 3-4x for most of the gain (README "Fitted schedules").
 A search that accepts every improvement on one set of noise draws also fits that set's chance: each fitted schedule is
 therefore scored again, with the formula's, on fresh noise and codes, and kept only where it is still closer to the
 teacher there ([`validate_schedules`]); elsewhere the scheduler keeps the formula.
@@ -71,10 +71,12 @@ FLOW_START_SHIFTS = (0.25, 0.5, 2.0)
 SEARCHES = ("bounded", "descent")
 DEFAULT_SEARCH = "bounded"
 # The bounded descent's moves times the NFE: a move re-runs the sampler from the moved point, up to NFE model calls,
-# so the low NFE, where moves are cheap, get more moves (13 at NFE 3, 4 at NFE 10). 40 with the warm start costs as
-# many model calls over NFE 3-10 as 52 without it (stop 23's budget: 4.5-4.6% of the training in `make demo`), and its
-# fits were closer to the teacher on fresh draws (README "Fitted schedules").
-BOUNDED_DESCENT_BUDGET = 40
+# so the low NFE, where moves are cheap, get more moves (17 at NFE 3, 5 at NFE 10; stop 23's budget, 4.5-4.6% of the
+# training in `make demo`). Where the fit one NFE below gives a warm start, scoring it is paid for with moves: 40 / NFE
+# (10 at NFE 4, 4 at NFE 10) costs as many model calls over NFE 4-10, and its fits were closer to the teacher on fresh
+# draws (README "Fitted schedules"). The first NFE of a fit, and Heun (odd NFE only), have no warm start.
+BOUNDED_DESCENT_BUDGET = 52
+WARM_START_DESCENT_BUDGET = 40
 # Sampler states kept for runs that share their first points (each: the sample, up to 4 derivatives, a model output).
 MAX_KEPT_STATES = 32
 # Pixel features are average-pooled to at most this many dimensions, so that a covariance stays cheap to compare.
@@ -450,9 +452,13 @@ def _fit_one(distance, starts: list[list[float]], below: list[float] | None, log
     return fitted
 
 
-def bounded_descent_trials(num_inference_steps: int) -> int:
-    """The moved schedules the bounded search scores at `num_inference_steps` calls: `BOUNDED_DESCENT_BUDGET` / NFE."""
-    return max(1, round(BOUNDED_DESCENT_BUDGET / num_inference_steps))
+def bounded_descent_trials(num_inference_steps: int, warm_start: bool = False) -> int:
+    """
+    The moved schedules the bounded search scores at `num_inference_steps` calls: `BOUNDED_DESCENT_BUDGET` / NFE, or
+    `WARM_START_DESCENT_BUDGET` / NFE where a `warm_start` was scored among the starts.
+    """
+    budget = WARM_START_DESCENT_BUDGET if warm_start else BOUNDED_DESCENT_BUDGET
+    return max(1, round(budget / num_inference_steps))
 
 
 def _fit_nfe(distance, starts: list[list[float]], below: list[float] | None, search: str,
@@ -460,12 +466,14 @@ def _fit_nfe(distance, starts: list[list[float]], below: list[float] | None, sea
     """
     The schedule fitted for `num_inference_steps` calls by `search`: with "descent" [`_fit_one`]'s (`below`: the fit
     for one call fewer, or `None`); with "bounded" the descent from the closest of `starts` and of `below` stretched
-    to one more point ([`_stretched`], the warm start), scoring at most [`bounded_descent_trials`] moves.
+    to one more point ([`_stretched`], the warm start), scoring at most [`bounded_descent_trials`] moves (fewer
+    after a warm start).
     """
     if search == "bounded":
         warm_start = _stretched(below) if below is not None else None
         starts = starts if warm_start is None else [*starts, warm_start]
-        return _fit_one(distance, starts, None, log_steps, bounded_descent_trials(num_inference_steps))
+        trials = bounded_descent_trials(num_inference_steps, warm_start is not None)
+        return _fit_one(distance, starts, None, log_steps, trials)
     return _fit_one(distance, starts, below, log_steps)
 
 
@@ -557,8 +565,8 @@ def fit_schedules(
     could waste the new call (a point inserted next to sigma_min changes nothing, and the descent from there stayed
     put on our digits baseline at NFE 5 and 6). With `search="bounded"` (the default) each NFE runs one descent, from
     the closest of the starts and, when the NFE one below is fitted in the same call, of its schedule stretched to one
-    more point (the warm start), and stops it after [`bounded_descent_trials`] moved schedules (13 at NFE 3, 4 at
-    NFE 10).
+    more point (the warm start), and stops it after [`bounded_descent_trials`] moved schedules (17 at NFE 3; after a
+    warm start 10 at NFE 4, 4 at NFE 10).
     Then, with `validate`, [`validate_schedules`] scores every fitted schedule and the formula again on
     `num_validation_samples` fresh draws of `generator`, and the scheduler keeps only the fitted schedules that are
     closer there: a schedule that won on the search's draws by their chance alone goes back to the formula.

@@ -461,8 +461,11 @@ def test_edm_search_starts_from_karras_schedules_after_longer_first_steps():
 
 
 def test_bounded_descent_gives_the_low_nfe_more_moves():
-    # a move re-runs the sampler from the moved point, up to NFE calls: the moves scale as 1 / NFE, at least one
-    assert [bounded_descent_trials(nfe) for nfe in (1, 3, 4, 5, 8, 10, 40, 200)] == [40, 13, 10, 8, 5, 4, 1, 1]
+    # a move re-runs the sampler from the moved point, up to NFE calls: the moves scale as 1 / NFE, at least one; after
+    # a warm start, fewer (scoring it is paid for with moves)
+    nfes = (1, 3, 4, 5, 8, 10, 52, 200)
+    assert [bounded_descent_trials(nfe) for nfe in nfes] == [52, 17, 13, 10, 6, 5, 1, 1]
+    assert [bounded_descent_trials(nfe, warm_start=True) for nfe in nfes] == [40, 13, 10, 8, 5, 4, 1, 1]
 
 
 def test_stretched_schedule_reads_the_log_sigmas_at_one_more_point():
@@ -480,20 +483,22 @@ def test_stretched_schedule_reads_the_log_sigmas_at_one_more_point():
 
 def test_bounded_search_descends_from_the_closest_start_the_stretched_fit_below_included():
     # Both formula starts are in the poor basin; the fit for one call fewer, stretched to one more point, starts
-    # closer. Without it the bounded search descends from the closest formula start for the moves of its NFE (4 at
-    # NFE 10); with it, from the warm start, further down. The full descent takes `below` to the good basin.
+    # closer. Without it the bounded search descends from the closest formula start for the moves of its NFE (6 at
+    # NFE 8); with it, from the warm start, for fewer moves (5), further down. The full descent takes `below` to the
+    # good basin.
     distance, below = two_basin_distance, [80.0, 9.0, 0.9, 0.002]
     starts = [[80.0, 79.0, 78.0, 0.5, 0.002], [80.0, 79.5, 78.5, 0.4, 0.002]]
-    closest, trials = min(starts, key=distance), bounded_descent_trials(10)
-    alone = _fit_nfe(distance, starts, None, "bounded", (0.5,), 10)
-    assert alone == coordinate_descent(distance, closest, (0.5,), trials)
+    closest = min(starts, key=distance)
+    alone = _fit_nfe(distance, starts, None, "bounded", (0.5,), 8)
+    assert alone == coordinate_descent(distance, closest, (0.5,), bounded_descent_trials(8))
     assert distance(closest) > alone[1] > coordinate_descent(distance, closest, (0.5,))[1] >= 0.3
     warm = _stretched(below)
     assert distance(warm) < distance(closest)
-    bounded = _fit_nfe(distance, starts, below, "bounded", (0.5,), 10)
-    assert bounded == coordinate_descent(distance, warm, (0.5,), trials)
+    bounded = _fit_nfe(distance, starts, below, "bounded", (0.5,), 8)
+    assert bounded == coordinate_descent(distance, warm, (0.5,), bounded_descent_trials(8, warm_start=True))
+    assert bounded != coordinate_descent(distance, warm, (0.5,), bounded_descent_trials(8))
     assert bounded[1] < min(distance(warm), alone[1])
-    assert _fit_nfe(distance, starts, below, "descent", (0.5,), 10)[1] == pytest.approx(0.0)
+    assert _fit_nfe(distance, starts, below, "descent", (0.5,), 8)[1] == pytest.approx(0.0)
 
 
 def test_bounded_search_on_a_pipeline_descends_from_the_closest_start_within_its_trials():
@@ -504,12 +509,13 @@ def test_bounded_search_on_a_pipeline_descends_from_the_closest_start_within_its
     distance = ScheduleDistance(pipe, **FIT_SETTINGS, generator=seeded(0))
     below = None
     for nfe, sigmas in zip(FIT_NFES, output.scheduler.config.fitted_sigmas):
-        starts = distance.search_starts(nfe) + ([_stretched(below)] if below else [])
+        warm_start = below is not None
+        starts = distance.search_starts(nfe) + ([_stretched(below)] if warm_start else [])
         assert all(len(start) == nfe + 2 for start in starts)
         assert output.formula_distances[nfe] == distance(starts[0])
         closest, _ = closest_start(distance, starts)
         assert (sigmas, output.fitted_distances[nfe]) == coordinate_descent(
-            distance, closest, DEFAULT_LOG_STEPS, bounded_descent_trials(nfe)
+            distance, closest, DEFAULT_LOG_STEPS, bounded_descent_trials(nfe, warm_start)
         )
         assert output.fitted_distances[nfe] < output.formula_distances[nfe]
         below = sigmas
