@@ -7,10 +7,11 @@
 The search (qac_diffusers/schedulers/schedule_fitting.py) runs the model's own sampler (iPNDM for EDM, Euler for
 rectified flow) on candidate schedules and keeps the one whose images are closest, as a distribution, to those of a
 converged teacher: a coordinate descent from the closest of a few formula schedules and the fit for one call fewer
-stretched to one more point, stopped after a few moves (the default, "bounded"), or run to its end with a second
-descent from the fit for one call fewer (--search descent). The pipeline with the fitted schedules in its scheduler
-config is saved back into the model folder (or into --output_dir), where QACPipeline uses them by default at the NFE
-they were fitted for and the formula schedule (Karras; RNE's uniform grid for rectified flow) at any other.
+stretched to one more point, stopped after a few moves (the default, "bounded"), or the full search (--search descent):
+the descent from the formula schedules to its end, and a second one from the fit for one call fewer. The pipeline with
+the fitted schedules in its scheduler config is saved back into the model folder (or into --output_dir), where
+QACPipeline uses them by default at the NFE they were fitted for and the formula schedule (Karras; RNE's uniform grid
+for rectified flow) at any other.
 """
 
 import argparse
