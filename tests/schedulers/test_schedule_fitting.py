@@ -522,6 +522,29 @@ def test_bounded_search_on_a_pipeline_descends_from_the_closest_start_within_its
     assert output.num_model_calls == distance.num_model_calls
 
 
+def test_bounded_search_on_a_flow_pipeline_starts_from_the_stretched_grid_below():
+    # rectified flow: the grid fitted at NFE 3 (t = 1 and t = 0 are infinity and 0 in the search's coordinates) is
+    # stretched into a start for NFE 4, a valid grid from 1 to 0; the fit replays step by step
+    pipe = make_rf_pipeline()
+    output = fit_schedules(pipe, [3, 4], num_samples=6, teacher_steps=6, generator=seeded(0), validate=False,
+                           progress_bar=False)
+    distance = ScheduleDistance(pipe, num_samples=6, teacher_steps=6, generator=seeded(0))
+    below = None
+    for nfe, grid in zip([3, 4], output.scheduler.config.fitted_sigmas):
+        warm_start = [] if below is None else [_stretched(below)]
+        for start in warm_start:
+            ts = distance.from_search(start)
+            assert len(ts) == nfe + 1 and ts[0] == 1.0 and ts[-1] == 0.0 and all(a > b for a, b in zip(ts, ts[1:]))
+        starts = distance.search_starts(nfe) + warm_start
+        assert output.formula_distances[nfe] == distance.search_distance(starts[0])
+        closest, _ = closest_start(distance.search_distance, starts)
+        sigmas, best = coordinate_descent(distance.search_distance, closest, DEFAULT_LOG_STEPS,
+                                          bounded_descent_trials(nfe, below is not None))
+        assert distance.from_search(sigmas) == pytest.approx(grid) and best == output.fitted_distances[nfe]
+        below = sigmas
+    assert output.num_model_calls == distance.num_model_calls
+
+
 def test_flow_distance_runs_the_pipelines_euler_and_a_heun_teacher():
     pipe = make_rf_pipeline()
     distance = ScheduleDistance(pipe, num_samples=6, teacher_steps=6, generator=seeded(3))
