@@ -61,6 +61,15 @@ FIT_SETTINGS = {FITTED: {"search": "descent", "num_validation_samples": 256},
                 BOUNDED: {"search": "bounded", "num_validation_samples": DEFAULT_VALIDATION_SAMPLES}}
 TEACHER = "teacher"  # the fit's teacher, at DEFAULT_TEACHER_STEPS calls
 TEACHER_CHECK_DRAWS = 256  # noise draws of the teacher's convergence check
+# Feature spaces besides the benchmark's classifier, for the same samples: is a ranking of samplers the classifier's
+# own? Classifiers trained as the benchmark's (`train_feature_classifier`) with other seeds and a smaller network, and
+# the pixels themselves (the fits' criterion is pixel-based: 8x8 digits are not pooled). None is used by the fits.
+OTHER_FEATURE_SPACES = {
+    "classifier, seed 1": {"seed": 1},
+    "classifier, seed 2": {"seed": 2},
+    "small classifier (16, 32 channels; 32-d), seed 5": {"seed": 5, "block_out_channels": (16, 32), "feature_dim": 32},
+    "pixels": None,
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -113,8 +122,11 @@ def images_denoised(fit, validation_samples: int) -> int:
     return fit.num_model_calls * DEFAULT_SEARCH_SAMPLES + fit.num_validation_model_calls * validation_samples
 
 
-def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features) -> dict:
-    """FD[solver][nfe] of one model, its fitted FD resampled with other seeds, and its fit facts."""
+def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features, spaces: dict) -> dict:
+    """
+    FD[solver][nfe] of one model, its fitted FD resampled with other seeds, its fit facts, each sampler's FD to the
+    teacher and its FD to the data in the other feature spaces (`spaces`, see `feature_spaces`).
+    """
     pipe = QACPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
     karras_config = pipe.scheduler.config
@@ -130,6 +142,7 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
     )
     results["fd"][BOUNDED] = results["bounded"]["fd"][BOUNDED]
     results["to_teacher"] = distances_to_teacher(args, model_dir, pipe, seed, {**samplers, **bounded}, classifier)
+    results["other_spaces"] = other_space_distances(args, model_dir, pipe, seed, {**samplers, **bounded}, spaces)
     pipe.scheduler = karras
     key = f"teacher pixel frechet_distance to {4 * DEFAULT_TEACHER_STEPS} calls {TEACHER_CHECK_DRAWS} draws"
     results["teacher_error"] = few_step.cached(model_dir, key, teacher_error, pipe)
@@ -154,6 +167,29 @@ def distances_to_teacher(args, model_dir: Path, pipe: QACPipeline, seed: int, sa
             distances.setdefault(name, {})[nfe] = few_step.cached(model_dir, key, lambda: frechet_distance(
                 scheduler_features(pipe, scheduler, args.num_samples, nfe, seed, classifier), teacher()))
     return distances
+
+
+def other_space_distances(args, model_dir: Path, pipe: QACPipeline, seed: int, samplers: dict, spaces: dict) -> dict:
+    """
+    FD[sampler][nfe][space] to the held-out split in each of `spaces` (`feature_spaces`), of the samples whose
+    classifier FD the main table holds (the same noise and codes); each (sampler, NFE) cached in the model's folder.
+    """
+    distances = {}
+    for name, (scheduler, nfes) in samplers.items():
+        pipe.scheduler = scheduler
+        for nfe in nfes:
+            key = f"frechet_distance other feature spaces {name} nfe {nfe} {args.num_samples} samples"
+            distances.setdefault(name, {})[nfe] = few_step.cached(
+                model_dir, key, space_distances, pipe, args.num_samples, nfe, seed, spaces
+            )
+    return distances
+
+
+def space_distances(pipe: QACPipeline, num_samples: int, nfe: int, seed: int, spaces: dict) -> dict:
+    """{space: FD} of `num_samples` samples at `nfe`, drawn as few_step_quality.py's `sample_features` draws them."""
+    samples = few_step.generate(pipe, num_samples, nfe, seed=1000 + seed)
+    return {space: frechet_distance(extract_features(network, samples), heldout)
+            for space, (network, heldout) in spaces.items()}
 
 
 def scheduler_features(pipe: QACPipeline, scheduler, num_samples: int, nfe: int, seed: int, classifier):
@@ -286,7 +322,7 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
     for nfe in args.moonshot_nfe:
         qac = [run["fd"][FITTED][nfe] for run in results["qac"]]
         lines.append(f"| {nfe} | {mean_std(qac)} | {mean_std([m[nfe] for m in moon])} |")
-    lines += ["", *cost_table(args, results)]
+    lines += ["", *feature_space_lines(args, results), *cost_table(args, results)]
     lines += ["", "Fitted schedules of seed 0 (sigma from sigma_max to sigma_min, the first step analytical):", ""]
     for model, (fit, key) in itertools.product(args.models, ((FITTED, None), (BOUNDED, "bounded"))):
         run = results[model][0] if key is None else results[model][0][key]
@@ -351,6 +387,51 @@ def digits_classifier(train_split, heldout_split) -> tuple:
     return classifier, heldout_features, floor, classifier.accuracy(heldout_images, heldout_labels)
 
 
+def feature_spaces(train_split, heldout_split) -> dict:
+    """{space: (feature network, held-out features)} for `OTHER_FEATURE_SPACES`; the pixels flattened."""
+    train_images, train_labels = few_step.to_tensor(train_split, 8)
+    heldout_images, _ = few_step.to_tensor(heldout_split, 8)
+    spaces = {}
+    for space, settings in OTHER_FEATURE_SPACES.items():
+        network = torch.nn.Flatten() if settings is None else train_feature_classifier(
+            train_images, train_labels, **settings)
+        spaces[space] = (network, extract_features(network, heldout_images))
+    return spaces
+
+
+def feature_space_lines(args, results: dict) -> list[str]:
+    """
+    The markdown lines of the other feature spaces: for each model, space and NFE, the mean FD of the fitted samplers
+    against the best Karras solver's, and the NFE where the teacher (the ODE's solution) is above the best Karras.
+    """
+    lines = ["## The same samples in other feature spaces", "",
+             "FD to the held-out split of the samples above (same noise and codes) in feature spaces no fit uses: "
+             "classifiers trained as the benchmark's with other seeds and a smaller network, and the 64 pixels. "
+             f"Each cell: {FITTED}, {BOUNDED} / the best Karras solver's mean FD over seeds (in brackets: the "
+             "fitted samplers at most the best Karras, of 2). Last column: the NFE where the teacher, the ODE's own "
+             "solution that both fits approach, has a higher mean FD than the best Karras solver: no sampler that "
+             "follows the ODE beats the Karras solvers there except by chance.", ""]
+    for model in args.models:
+        runs = results[model]
+        lines += [f"### {model}", "", "| feature space | teacher | " + " | ".join(f"NFE {nfe}" for nfe in args.nfe)
+                  + " | teacher above best Karras at NFE |", "|---" * (len(args.nfe) + 3) + "|"]
+        def mean(solver: str, nfe: int, space: str) -> float:
+            return np.mean([run["other_spaces"][solver][nfe][space] for run in runs])
+
+        for space in OTHER_FEATURE_SPACES:
+            teacher = mean(TEACHER, DEFAULT_TEACHER_STEPS, space)
+            cells, above = [], []
+            for nfe in args.nfe:
+                best = min(mean(solver, nfe, space) for solver in KARRAS_SOLVERS)
+                fits = [mean(fit, nfe, space) for fit in (FITTED, BOUNDED)]
+                wins = sum(fit <= best for fit in fits)
+                cells.append(f"{fits[0]:.3g}, {fits[1]:.3g} / {best:.3g} ({wins})")
+                above += [str(nfe)] if teacher > best else []
+            lines.append(f"| {space} | {teacher:.3g} | " + " | ".join(cells) + f" | {', '.join(above) or 'none'} |")
+        lines.append("")
+    return lines
+
+
 def cost_table(args, results: dict) -> list[str]:
     """The markdown lines of the fits' cost: seconds, UNet calls and images against each model's training."""
     lines = ["## Cost of fitting (2-core CPU, shared machine)", "",
@@ -397,12 +478,14 @@ def main() -> None:
     train_split, heldout_split, data_folder = few_step.split_dataset(args, work_dir)
     few_step.train_models(args, data_folder, work_dir)
     classifier, heldout_features, floor, accuracy = digits_classifier(train_split, heldout_split)
+    spaces = feature_spaces(train_split, heldout_split)
 
     results, moon = {}, []
     for seed in args.seeds:
         for model in args.models:
             model_dir = work_dir / f"{model}-seed{seed}"
-            results.setdefault(model, []).append(measure_model(args, model_dir, seed, classifier, heldout_features))
+            results.setdefault(model, []).append(measure_model(args, model_dir, seed, classifier, heldout_features,
+                                                                     spaces))
         moon.append(moonshot(args, work_dir / f"baseline-seed{seed}", seed, classifier, heldout_features))
 
     stem = results_dir / "fitted_schedules_digits"
