@@ -8,7 +8,9 @@ weight iPNDM, variable-step iPNDM, DPM++2M). Also measured: the FD's own samplin
 with other seeds), whether the fitted FD rises from one NFE to the next by more than that noise, the baseline with
 the Karras schedule at 5x the NFE (the moonshot), and the seconds each fit took next to the model's training time.
 And the converged sampler: the fit's teacher (variable-step iPNDM at 64 calls) from the same noise, with its own
-distance to the same sampler at 4x the calls, which a fitted schedule approaches as it approaches the teacher.
+distance to the same sampler at 4x the calls, which a fitted schedule approaches as it approaches the teacher. And
+every sampler's FD again in feature spaces no fit uses (`OTHER_FEATURE_SPACES`), to tell a ranking of samplers from
+one classifier's taste.
 
     python benchmarks/fitted_schedules.py --work_dir benchmarks/work     # reuses few_step_quality.py's models
 
