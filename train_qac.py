@@ -193,8 +193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     logs.add_argument(
         "--fit_schedule_search", choices=SEARCHES, default=DEFAULT_SEARCH,
-        help="bounded: the descent from the closest of a few formula schedules and the fit for one NFE fewer "
-        f"stretched to one more point, stopped after {BOUNDED_DESCENT_BUDGET} / NFE moves "
+        help="bounded: the descent by the smallest log step from the closest of a few formula schedules and the fit "
+        f"for one NFE fewer stretched to one more point, stopped after {BOUNDED_DESCENT_BUDGET} / NFE moves "
         f"({WARM_START_DESCENT_BUDGET} after the warm start); descent: the "
         "descent from the formulas to its end and a second one from the fit for one call fewer, 3-4x the model calls, "
         "closer to the teacher (README, Fitted schedules).",

@@ -1,21 +1,21 @@
-"""The bounded search with and without its warm start, at the same model calls, scored out of sample (README).
+"""The bounded search as it was at stops 23 and 24 and as it is, at about the same model calls, scored out of sample.
 
 On the six digits models of benchmarks/few_step_quality.py (QAC and the baseline, seeds 0-2), fit NFE 3-10 without
 the validation, on the same 64 search draws (seed 0), by:
 
-- "stop 23": the bounded search as it was at stop 23, the descent from the closest of Karras and Karras after a first
-  step to 80 / 4, 8, 16, 32, stopped after `BOUNDED_DESCENT_BUDGET` / NFE moves (52);
-- "warm start": `fit_schedules`' default search since stop 24, the same with the fit for one NFE fewer stretched to
-  one more point among the starts, stopped after `WARM_START_DESCENT_BUDGET` / NFE moves (40) where it has one (not
-  at the first NFE);
+- "stop 23": the descent from the closest of Karras and Karras after a first step to 80 / 4, 8, 16, 32, by log steps
+  0.5 then 0.2 (`DEFAULT_LOG_STEPS`), stopped after `BOUNDED_DESCENT_BUDGET` / NFE moves (52);
+- "stop 24": the same with the warm start, the fit for one NFE fewer stretched to one more point among the starts,
+  stopped after `WARM_START_DESCENT_BUDGET` / NFE moves (40) where it has one (not at the first NFE);
+- "stop 25": `fit_schedules`' default search since stop 25, stop 24's by the smallest log step (0.2) only;
 
 and score every fitted schedule and Karras on 1,024 fresh draws (seed 4242): the fit's criterion (pixel Frechet
 distance to the teacher's samples from the same noise and codes), out of sample.
 
     python benchmarks/bounded_search_warm_start.py --work_dir benchmarks/work
 
-Writes benchmarks/results/bounded_search_warm_start.{md,json}; each model's result is kept as it finishes, and a
-rerun skips it.
+Writes benchmarks/results/bounded_search_warm_start.{md,json}; each model's searches are kept as they finish, and a
+rerun skips them.
 """
 
 import argparse
@@ -34,13 +34,16 @@ from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_TEACHER_STEPS,
     WARM_START_DESCENT_BUDGET,
     ScheduleDistance,
-    _fit_nfe,
+    _fit_one,
+    _stretched,
+    bounded_descent_trials,
     fit_schedules,
 )
 
 
 NFES = list(range(3, 11))
 SEARCH_SEED, SCORE_SEED, SCORE_SAMPLES = 0, 4242, 1024
+SEARCHES = ("stop 23", "stop 24", "stop 25", "Karras")
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,64 +55,83 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def stop_23_fit(pipe: QACPipeline) -> tuple[list[list[float]], int]:
+def earlier_fit(pipe: QACPipeline, warm_start: bool) -> tuple[list[list[float]], int]:
     """
-    Stop 23's bounded search, i.e. today's without the warm start (`_fit_nfe` with no fit below): the schedules for
-    `NFES` and the model calls of the search, its teacher included.
+    The bounded search of stop 23 (no `warm_start`) or stop 24, both by `DEFAULT_LOG_STEPS`: the schedules for `NFES`
+    and the model calls of the search, its teacher included.
     """
     distance = ScheduleDistance(pipe, DEFAULT_SEARCH_SAMPLES, DEFAULT_TEACHER_STEPS,
                                 torch.Generator().manual_seed(SEARCH_SEED))
-    fitted = []
+    fitted, below = [], None
     for nfe in NFES:
         starts = distance.search_starts(nfe)
         distance.search_distance(starts[0])  # the formula first, as fit_schedules scores it
-        sigmas, _ = _fit_nfe(distance.search_distance, starts, None, "bounded", DEFAULT_LOG_STEPS, nfe)
-        fitted.append(distance.from_search(sigmas))
+        stretched = _stretched(below) if warm_start and below is not None else None
+        starts = starts if stretched is None else [*starts, stretched]
+        trials = bounded_descent_trials(nfe, stretched is not None)
+        below, _ = _fit_one(distance.search_distance, starts, None, DEFAULT_LOG_STEPS, trials)
+        fitted.append(distance.from_search(below))
     return fitted, distance.num_model_calls
 
 
-def measure(model_dir: Path) -> dict:
+def fit(pipe: QACPipeline, search: str, score: ScheduleDistance) -> tuple[list[list[float]], int]:
+    """The schedules of `search` (one of `SEARCHES`) for `NFES`, and the model calls of its search."""
+    if search == "stop 25":
+        output = fit_schedules(pipe, NFES, generator=torch.Generator().manual_seed(SEARCH_SEED), validate=False,
+                               progress_bar=False)
+        return output.scheduler.config.fitted_sigmas, output.num_model_calls
+    if search == "Karras":
+        return [score.formula_sigmas(nfe) for nfe in NFES], 0
+    return earlier_fit(pipe, warm_start=search == "stop 24")
+
+
+def measure(model_dir: Path, done: dict, save) -> dict:
+    """Each search of `SEARCHES` not in `done` for the model in `model_dir`, saved (`save(results)`) as it ends."""
     pipe = QACPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
     score = ScheduleDistance(pipe, SCORE_SAMPLES, DEFAULT_TEACHER_STEPS, torch.Generator().manual_seed(SCORE_SEED))
-    warm = fit_schedules(pipe, NFES, generator=torch.Generator().manual_seed(SEARCH_SEED), validate=False,
-                         progress_bar=False)
-    fits = {"stop 23": stop_23_fit(pipe),
-            "warm start": (warm.scheduler.config.fitted_sigmas, warm.num_model_calls),
-            "Karras": ([score.formula_sigmas(nfe) for nfe in NFES], 0)}
-    return {name: {"model_calls": calls, "distance": {nfe: score(sigmas) for nfe, sigmas in zip(NFES, schedules)},
-                   "sigmas": schedules}
-            for name, (schedules, calls) in fits.items()}
+    results = dict(done)
+    for search in SEARCHES:
+        if search not in results:
+            schedules, calls = fit(pipe, search, score)
+            results[search] = {"model_calls": calls, "sigmas": schedules,
+                               "distance": {str(nfe): score(sigmas) for nfe, sigmas in zip(NFES, schedules)}}
+            save(results)
+    return results
 
 
 def markdown(results: dict) -> str:
-    lines = ["# The bounded search with and without its warm start (digits models, NFE 3-10, no validation)", "",
+    lines = ["# The bounded search at stops 23, 24 and 25 (digits models, NFE 3-10, no validation)", "",
              "Command: `python benchmarks/bounded_search_warm_start.py --work_dir benchmarks/work` (see its header). "
              f"Pixel FD to the teacher on {SCORE_SAMPLES} fresh draws (the fit's criterion, out of sample; lower is "
              f"better). Model calls: the search's, its {DEFAULT_TEACHER_STEPS}-call teacher included, on "
-             f"{DEFAULT_SEARCH_SAMPLES} images each. \"stop 23\": {BOUNDED_DESCENT_BUDGET} / NFE moves without the "
-             f"warm start; \"warm start\": the default since stop 24, {WARM_START_DESCENT_BUDGET} / NFE moves after "
-             "the warm start (none at NFE 3).", "",
+             f"{DEFAULT_SEARCH_SAMPLES} images each. \"stop 23\": {BOUNDED_DESCENT_BUDGET} / NFE moves by log steps "
+             f"{' then '.join(map(str, DEFAULT_LOG_STEPS))}, without the warm start; \"stop 24\": the same with the "
+             f"warm start and {WARM_START_DESCENT_BUDGET} / NFE moves after it (none at NFE 3); \"stop 25\": the "
+             f"default since stop 25, stop 24's by log step {DEFAULT_LOG_STEPS[-1]} only.", "",
              "| model | search | model calls | " + " | ".join(f"NFE {nfe}" for nfe in NFES) + " |",
              "|---" * (len(NFES) + 3) + "|"]
     for model, fits in results.items():
-        for name, fit in fits.items():
-            lines.append(f"| {model} | {name} | {fit['model_calls'] or ''} | "
-                         + " | ".join(f"{fit['distance'][str(nfe)]:.4f}" for nfe in NFES) + " |")
-    lines += ["", "Warm start / stop 23, geometric mean over the seeds (below 1: closer to the teacher):", "",
-              "| models | " + " | ".join(f"NFE {nfe}" for nfe in NFES) + " | all NFE | model calls |",
-              "|---" * (len(NFES) + 3) + "|"]
-    for kind in ("qac", "baseline"):
-        runs = [fits for model, fits in results.items() if model.startswith(f"{kind}-")]
-        if not runs:
-            continue
-        ratios = np.log([[fits["warm start"]["distance"][str(nfe)] / fits["stop 23"]["distance"][str(nfe)]
-                          for nfe in NFES] for fits in runs])
-        calls = [fits["warm start"]["model_calls"] - fits["stop 23"]["model_calls"] for fits in runs]
-        lines.append(f"| {kind} ({len(runs)} seeds) | " + " | ".join(f"{np.exp(column.mean()):.2f}"
-                                                                    for column in ratios.T)
-                     + f" | {np.exp(ratios.mean()):.2f} | {', '.join(f'{call:+d}' for call in calls)} |")
+        for search in SEARCHES:
+            fitted = fits[search]
+            lines.append(f"| {model} | {search} | {fitted['model_calls'] or ''} | "
+                         + " | ".join(f"{fitted['distance'][str(nfe)]:.4f}" for nfe in NFES) + " |")
+    for new, old in (("stop 24", "stop 23"), ("stop 25", "stop 24")):
+        lines += ["", f"{new} / {old}, geometric mean over the seeds (below 1: closer to the teacher):", "",
+                  "| models | " + " | ".join(f"NFE {nfe}" for nfe in NFES) + " | all NFE | model calls |",
+                  "|---" * (len(NFES) + 3) + "|"]
+        lines += [ratio_row(kind, [fits for model, fits in results.items() if model.startswith(f"{kind}-")], new, old)
+                  for kind in ("qac", "baseline") if any(model.startswith(f"{kind}-") for model in results)]
     return "\n".join(lines) + "\n"
+
+
+def ratio_row(kind: str, runs: list[dict], new: str, old: str) -> str:
+    """The markdown row of `new` / `old` for the models of `kind`: by NFE, over all NFE, and the change in calls."""
+    ratios = np.log([[fits[new]["distance"][str(nfe)] / fits[old]["distance"][str(nfe)] for nfe in NFES]
+                     for fits in runs])
+    calls = [fits[new]["model_calls"] - fits[old]["model_calls"] for fits in runs]
+    return (f"| {kind} ({len(runs)} seeds) | " + " | ".join(f"{np.exp(column.mean()):.2f}" for column in ratios.T)
+            + f" | {np.exp(ratios.mean()):.2f} | {', '.join(f'{call:+d}' for call in calls)} |")
 
 
 def main() -> None:
@@ -117,12 +139,17 @@ def main() -> None:
     torch.set_grad_enabled(False)
     path = Path(args.results_dir) / "bounded_search_warm_start.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
+
+    def save(model: str, fits: dict) -> None:
+        current = json.loads(path.read_text()) if path.is_file() else {}  # other models' jobs may have saved theirs
+        current[model] = json.loads(json.dumps(fits))  # NFE keys as in the file
+        few_step.write_atomically(path, lambda partial: partial.write_text(json.dumps(current, indent=1)))
+
     for model in args.models:
-        if model not in results:
-            results[model] = json.loads(json.dumps(measure(Path(args.work_dir) / model)))  # NFE keys as in the file
-            few_step.write_atomically(path, lambda partial: partial.write_text(json.dumps(results, indent=1)))
-            print(f"{model} done", flush=True)
-    report = markdown({model: results[model] for model in args.models if model in results})
+        results[model] = measure(Path(args.work_dir) / model, results.get(model, {}),
+                                 lambda fits, model=model: save(model, fits))
+        print(f"{model} done", flush=True)
+    report = markdown({model: results[model] for model in args.models})
     path.with_suffix(".md").write_text(report)
     print(report)
 

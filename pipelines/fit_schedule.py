@@ -7,9 +7,10 @@
 The search (qac_diffusers/schedulers/schedule_fitting.py) runs the model's own sampler (iPNDM for EDM, Euler for
 rectified flow) on candidate schedules and keeps the one whose images are closest, as a distribution, to those of a
 converged teacher: a coordinate descent from the closest of a few formula schedules and the fit for one call fewer
-stretched to one more point, stopped after a few moves (the default, "bounded"), or the full search (--search descent):
-the descent from the formula schedules to its end, and a second one from the fit for one call fewer. The pipeline with
-the fitted schedules in its scheduler config is saved back into the model folder (or into --output_dir), where
+stretched to one more point, by small steps, stopped after a few moves (the default, "bounded"), or the full search
+(--search descent): the descent from the formula schedules to its end, and a second one from the fit for one call
+fewer. The pipeline with the fitted schedules in its scheduler config is saved back into the model folder (or into
+--output_dir), where
 QACPipeline uses them by default at the NFE they were fitted for and the formula schedule (Karras; RNE's uniform grid
 for rectified flow) at any other.
 """
@@ -41,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="A folder written by train_qac.py or a Hub repo id.")
     parser.add_argument("--nfe", type=int, nargs="+", default=list(DEFAULT_FIT_NFE))
     parser.add_argument("--search", choices=SEARCHES, default=DEFAULT_SEARCH,
-                        help="bounded: the descent from the closest start (the fit for one NFE fewer, stretched, "
-                        f"among them), stopped after {BOUNDED_DESCENT_BUDGET} / NFE moves "
+                        help="bounded: the descent by the smallest log step from the closest start (the fit for "
+                        f"one NFE fewer, stretched, among them), stopped after {BOUNDED_DESCENT_BUDGET} / NFE moves "
                         f"({WARM_START_DESCENT_BUDGET} after the warm start; the default); "
                         "descent: the full search from the formula starts, 3-4x the model calls.")
     parser.add_argument("--num_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,

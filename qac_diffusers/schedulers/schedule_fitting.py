@@ -18,10 +18,11 @@ samples pays for through its covariance. The search is a coordinate descent on l
 closest of the formula schedule and a few variants of it (Karras after a longer free first step; rectified flow's
 shifted grids) and accepts only improvements, so a fitted schedule never scores worse than the formula; a second
 descent starts from the schedule fitted for one NFE less with one point inserted, when that is closer. The default
-search ("bounded") runs one descent, stopped after 52 / NFE moves (40 / NFE after a warm start), from the closest of
-the starts and of the schedule fitted for one NFE less stretched to one more point (its warm start): the first moves
-gain the most, the fit one below is often closer than any formula, and on our digits models this cut the search's
-model calls 3-4x for most of the gain (README "Fitted schedules").
+search ("bounded") runs one descent by the smallest step only, stopped after 52 / NFE moves (40 / NFE after a warm
+start), from the closest of the starts and of the schedule fitted for one NFE less stretched to one more point (its
+warm start): the first moves gain the most, the fit one below is often closer than any formula, from the closest
+start the larger steps mostly fail and would spend the moves, and on our digits models this cut the search's model
+calls 3-4x for most of the gain (README "Fitted schedules").
 A search that accepts every improvement on one set of noise draws also fits that set's chance: each fitted schedule is
 therefore scored again, with the formula's, on fresh noise and codes, and kept only where it is still closer to the
 teacher there ([`validate_schedules`]); elsewhere the scheduler keeps the formula.
@@ -64,8 +65,10 @@ DEFAULT_LOG_STEPS = (0.5, 0.2)
 # to 10: left out since stop 23.)
 FIRST_STEP_DIVISORS = (4, 8, 16, 32)
 FLOW_START_SHIFTS = (0.25, 0.5, 2.0)
-# "bounded" (the default): the coordinate descent from the closest start (the fit for one call fewer, stretched to
-# one more point, among them), stopped after `bounded_descent_trials(nfe)` moved schedules; "descent": the descent
+# "bounded" (the default): the coordinate descent by the smallest log step from the closest start (the fit for one
+# call fewer, stretched to one more point, among them), stopped after `bounded_descent_trials(nfe)` moved schedules
+# (stop 25: by the larger step first, 38 of the 42 moves a trace scored at NFE 4-10 failed and the budget ran out
+# before the smaller step; DESIGN.md section 11); "descent": the descent
 # from the closest formula start until no move improves, and a second one from the fit for one call fewer with a point
 # inserted (the full search, 3-4x the model calls).
 SEARCHES = ("bounded", "descent")
@@ -465,15 +468,15 @@ def _fit_nfe(distance, starts: list[list[float]], below: list[float] | None, sea
              log_steps: Sequence[float], num_inference_steps: int) -> tuple[list[float], float]:
     """
     The schedule fitted for `num_inference_steps` calls by `search`: with "descent" [`_fit_one`]'s (`below`: the fit
-    for one call fewer, or `None`); with "bounded" the descent from the closest of `starts` and of `below` stretched
-    to one more point ([`_stretched`], the warm start), scoring at most [`bounded_descent_trials`] moves (fewer
-    after a warm start).
+    for one call fewer, or `None`); with "bounded" the descent by the smallest of `log_steps` from the closest of
+    `starts` and of `below` stretched to one more point ([`_stretched`], the warm start), scoring at most
+    [`bounded_descent_trials`] moves (fewer after a warm start).
     """
     if search == "bounded":
         warm_start = _stretched(below) if below is not None else None
         starts = starts if warm_start is None else [*starts, warm_start]
         trials = bounded_descent_trials(num_inference_steps, warm_start is not None)
-        return _fit_one(distance, starts, None, log_steps, trials)
+        return _fit_one(distance, starts, None, log_steps[-1:], trials)
     return _fit_one(distance, starts, below, log_steps)
 
 
@@ -563,10 +566,10 @@ def fit_schedules(
     mean of two neighbours) is a second start if it is already closer than the first descent ended, and the closer
     result is kept. So a fitted schedule is never further from the teacher than the formula; a second start alone
     could waste the new call (a point inserted next to sigma_min changes nothing, and the descent from there stayed
-    put on our digits baseline at NFE 5 and 6). With `search="bounded"` (the default) each NFE runs one descent, from
-    the closest of the starts and, when the NFE one below is fitted in the same call, of its schedule stretched to one
-    more point (the warm start), and stops it after [`bounded_descent_trials`] moved schedules (17 at NFE 3; after a
-    warm start 10 at NFE 4, 4 at NFE 10).
+    put on our digits baseline at NFE 5 and 6). With `search="bounded"` (the default) each NFE runs one descent, by
+    the smallest of `log_steps` only, from the closest of the starts and, when the NFE one below is fitted in the same
+    call, of its schedule stretched to one more point (the warm start), and stops it after
+    [`bounded_descent_trials`] moved schedules (17 at NFE 3; after a warm start 10 at NFE 4, 4 at NFE 10).
     Then, with `validate`, [`validate_schedules`] scores every fitted schedule and the formula again on
     `num_validation_samples` fresh draws of `generator`, and the scheduler keeps only the fitted schedules that are
     closer there: a schedule that won on the search's draws by their chance alone goes back to the formula.
@@ -584,7 +587,7 @@ def fit_schedules(
             included, stopped after [`bounded_descent_trials`] moves) or `"descent"` (both descents, until no move
             improves; README "Fitted schedules" compares the two).
         log_steps (`Sequence[float]`, defaults to `(0.5, 0.2)`): The step sizes of the descent in log sigma (of t / (1
-            - t) for rectified flow), largest first.
+            - t) for rectified flow), largest first; the bounded search moves by the last only.
         validate (`bool`, defaults to `True`): Keep only the fitted schedules that are closer than the formula on
             fresh noise draws too.
         num_validation_samples (`int`, defaults to 128): The fresh noise draws of the validation.

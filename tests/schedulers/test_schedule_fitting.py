@@ -514,7 +514,8 @@ def test_bounded_search_on_a_pipeline_descends_from_the_closest_start_within_its
     output = fit_schedules(pipe, nfes, **settings, generator=seeded(0), validate=False, progress_bar=False)
     # the same steps on a distance with the same draws, in the search's coordinates (rectified flow's t = 1 and t = 0
     # are infinity and 0 there): the formula scored first, then the bounded descent from the closest start (from the
-    # second NFE on, the fit one below stretched among them, a valid schedule); the same schedules, distances and calls
+    # second NFE on, the fit one below stretched among them, a valid schedule) by the smallest log step only; the same
+    # schedules, distances and calls
     distance = ScheduleDistance(pipe, **settings, generator=seeded(0))
     below = None
     for nfe, fitted in zip(nfes, output.scheduler.config.fitted_sigmas):
@@ -526,7 +527,7 @@ def test_bounded_search_on_a_pipeline_descends_from_the_closest_start_within_its
         assert output.formula_distances[nfe] == distance.search_distance(starts[0])
         closest, _ = closest_start(distance.search_distance, starts)
         sigmas, best = coordinate_descent(
-            distance.search_distance, closest, DEFAULT_LOG_STEPS, bounded_descent_trials(nfe, warm_start)
+            distance.search_distance, closest, DEFAULT_LOG_STEPS[-1:], bounded_descent_trials(nfe, warm_start)
         )
         assert (distance.from_search(sigmas), best) == (fitted, output.fitted_distances[nfe])
         assert output.fitted_distances[nfe] < output.formula_distances[nfe] or (
