@@ -10,9 +10,8 @@ converged teacher: a coordinate descent from the closest of a few formula schedu
 stretched to one more point, by small steps, stopped after a few moves (the default, "bounded"), or the full search
 (--search descent): the descent from the formula schedules to its end, and a second one from the fit for one call
 fewer. The pipeline with the fitted schedules in its scheduler config is saved back into the model folder (or into
---output_dir), where
-QACPipeline uses them by default at the NFE they were fitted for and the formula schedule (Karras; RNE's uniform grid
-for rectified flow) at any other.
+--output_dir), where QACPipeline uses them by default at the NFE they were fitted for and the formula schedule
+(Karras; RNE's uniform grid for rectified flow) at any other.
 """
 
 import argparse
