@@ -35,8 +35,9 @@ from qac_diffusers.schedulers.schedule_fitting import (
 # name: (search draws, log steps, search). The first five were measured when EDM's descent started from Karras
 # alone (before the starts of stop 22, `karras_starts`), "six starts" with the starts of stop 22 (80 / 2 among them):
 # their rows in the results are kept as measured then, and a rerun without the results would measure them with
-# today's starts. The results also keep the row of stop 22's "select" search (removed at stop 23) and stop 23's
-# "bounded" (52 / NFE moves, no warm start). "bounded" is the library's default search since stop 23.
+# today's starts. The results also keep the row of stop 22's "select" search (removed at stop 23), stop 23's
+# "bounded" (52 / NFE moves, no warm start) and stop 24's (with the warm start, by steps 0.5 then 0.2). "bounded" is
+# the library's default search since stop 23; since stop 25 it moves by the smallest of the log steps only.
 SETTINGS = {
     "64 draws, steps 0.5/0.2": (64, (0.5, 0.2), "descent"),
     "64 draws, steps 0.5/0.25/0.125": (64, (0.5, 0.25, 0.125), "descent"),
@@ -101,10 +102,11 @@ def markdown(results: dict) -> str:
              "\"select\" (stop 22's cheaper search, removed at stop 23) kept that closest start (and descended only "
              "where it got no closer with one more call); these two ran with one job per core. \"bounded\" (the "
              "default search since stop 23) descends from the closest of Karras, Karras after a first step to 80 / "
-             "4, 8, 16, 32 and (since stop 24) the fit for one NFE fewer stretched to one more point, and stops "
-             f"after {BOUNDED_DESCENT_BUDGET} / NFE moved schedules ({WARM_START_DESCENT_BUDGET} after the warm "
-             "start; \"bounded at stop 23\": without the "
-             "fit one below, 52 / NFE everywhere); both ran alone on the machine.", "",
+             "4, 8, 16, 32 and (since stop 24) the fit for one NFE fewer stretched to one more point, by steps of 0.2 "
+             f"(since stop 25), and stops after {BOUNDED_DESCENT_BUDGET} / NFE moved schedules "
+             f"({WARM_START_DESCENT_BUDGET} after the warm start; \"bounded at stop 23\": without the fit one below, "
+             "52 / NFE everywhere, by steps 0.5 then 0.2; \"bounded at stop 24\": with it, by steps 0.5 then 0.2); "
+             "these three ran alone on the machine.", "",
              "Pixel FD: distance to the teacher on 1,024 fresh draws (the fit's criterion, out of sample). Classifier "
              "FD: 2,000 samples vs the held-out split. Images denoised = UNet calls x images per call; training = "
              "steps x batch (forward and backward).", ""]
