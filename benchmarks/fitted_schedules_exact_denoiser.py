@@ -8,11 +8,11 @@ the analytical first step, fixed weights: the library's default sampler) is fitt
 criterion (`coordinate_descent` of the pixel Frechet distance to converged samples from the closest of the Karras
 schedule and its variants with a longer first step, `karras_starts`, with `fit_schedules`' default steps and noise
 draws, 64), by the full search (`search="descent"`) and by the default one (`search="bounded"`: the descent from the
-closest start, the fit for one NFE fewer stretched among them, stopped after a few moves), each kept only where
-it is closer than Karras on 128 fresh draws too (the library's validation), and evaluated on 1024 other draws
-against the converged solution of the same ODE (RK4, the exact benchmark's reference): the RMS error per sample,
-which a schedule fitted to the distribution need not lower, and the Frechet distance of the samples to the converged
-ones, which it should. diffusers' solvers are not fitted:
+closest start, the fit for one NFE fewer stretched among them, by the smallest step, stopped after a few moves),
+each kept only where it is closer than Karras on 128 fresh draws too (the library's validation), and evaluated on
+1024 other draws against the converged solution of the same ODE (RK4, the exact benchmark's reference): the RMS error
+per sample, which a schedule fitted to the distribution need not lower, and the Frechet distance of the samples to
+the converged ones, which it should. diffusers' solvers are not fitted:
 `EDMDPMSolverMultistepScheduler.set_timesteps` takes no schedule in diffusers 0.42.1.
 
 Writes benchmarks/results/fitted_schedules_exact_denoiser.{md,json}.
@@ -139,7 +139,7 @@ def main() -> None:
         f"closer than Karras on {DEFAULT_VALIDATION_SAMPLES} fresh ones too (as `fit_schedules` validates; "
         "elsewhere the row repeats Karras; 'fitted': `search=\"descent\"`, the full search; 'bounded': the default "
         "search, the descent from the closest start (the fit for one NFE fewer stretched to one more point among "
-        f"them) stopped after {BOUNDED_DESCENT_BUDGET} / NFE moves "
+        f"them) by log step {DEFAULT_LOG_STEPS[-1]}, stopped after {BOUNDED_DESCENT_BUDGET} / NFE moves "
         f"({WARM_START_DESCENT_BUDGET} after the warm start)), "
         "evaluated on "
         f"{args.eval_samples} others against the converged solution of the same ODE at sigma_min. RMS: per-sample "
