@@ -35,6 +35,7 @@ from qac_diffusers import QACPipeline  # noqa: E402
 from qac_diffusers.metrics import frechet_distance  # noqa: E402
 from qac_diffusers.schedulers.schedule_fitting import (  # noqa: E402
     BOUNDED_DESCENT_BUDGET,
+    DEFAULT_LOG_STEPS,
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_TEACHER_STEPS,
     DEFAULT_VALIDATION_SAMPLES,
@@ -126,7 +127,8 @@ def markdown(args, results: dict, floor: float, accuracy: float) -> str:
         "NFE): `search=\"descent\"`, the full search (fitted before stop 23, validation on "
         f"{fitted_schedules.FIT_SETTINGS[fitted_schedules.FITTED]['num_validation_samples']} draws); {BOUNDED}: the "
         "default search, \"bounded\" (the descent from the closest of RNE's grid, its shifts and the fit for one NFE "
-        "fewer stretched to one more point, stopped after "
+        "fewer stretched to one more point, by log step "
+        f"{DEFAULT_LOG_STEPS[-1]} (since stop 25), stopped after "
         f"{BOUNDED_DESCENT_BUDGET} / NFE moves ({WARM_START_DESCENT_BUDGET} after the warm start); validation on "
         f"{DEFAULT_VALIDATION_SAMPLES} draws). "
         "Seeds on RNE's grid: where the fit's validation kept the uniform grid, by fit.",
