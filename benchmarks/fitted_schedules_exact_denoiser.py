@@ -19,6 +19,7 @@ Writes benchmarks/results/fitted_schedules_exact_denoiser.{md,json}.
 """
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -45,9 +46,9 @@ from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_VALIDATION_SAMPLES,
     WARM_START_DESCENT_BUDGET,
-    _fit_nfe,
     karras_starts,
     pixel_features,
+    search_schedules,
 )
 
 
@@ -110,14 +111,11 @@ def main() -> None:
             eval_flow = Flow(*common, args.eval_samples, generator, args.reference_steps)
             validation_flow = Flow(*common, DEFAULT_VALIDATION_SAMPLES, generator, args.reference_steps)
             rows = results.setdefault(f"tau {tau:g} {kind}", {})
-            fits = {"descent": None, "bounded": None}  # each search's fit, NFE after NFE as fit_schedules fits
+            starts = functools.partial(karras_starts, IPNDMScheduler(**EDM))
+            fits = {search: search_schedules(fit_flow.distance, starts, args.nfe, search, progress_bar=False)[0]
+                    for search in ("descent", "bounded")}  # each search's fits, NFE after NFE as fit_schedules fits
             for nfe in sorted(args.nfe):
-                starts = karras_starts(IPNDMScheduler(**EDM), nfe)
-                karras = starts[0]
-                for search, below in fits.items():
-                    below = below[0] if nfe - 1 in rows else None
-                    fits[search] = _fit_nfe(fit_flow.distance, starts, below, search, DEFAULT_LOG_STEPS, nfe)
-                (fitted, _), (bounded, _) = fits["descent"], fits["bounded"]
+                karras, fitted, bounded = starts(nfe)[0], fits["descent"][nfe], fits["bounded"][nfe]
                 # as fit_schedules keeps them: only where closer than Karras on the validation's draws too
                 kept = {name: validation_flow.distance(sigmas) < validation_flow.distance(karras)
                         for name, sigmas in (("fitted", fitted), ("bounded", bounded))}
@@ -155,6 +153,7 @@ def main() -> None:
                                                     for name in ("karras", "fitted", "bounded")) + f" | {kept} |")
         lines.append("")
     results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "fitted_schedules_exact_denoiser.md").write_text("\n".join(lines))
     (results_dir / "fitted_schedules_exact_denoiser.json").write_text(
         json.dumps({"args": vars(args), "results": results}, indent=1)

@@ -537,6 +537,45 @@ def _validate(distance: ScheduleDistance, fitted_sigmas: Sequence[Sequence[float
     return kept, formula_distances, fitted_distances
 
 
+def search_schedules(
+    distance,
+    search_starts,
+    num_inference_steps: Sequence[int],
+    search: str = DEFAULT_SEARCH,
+    log_steps: Sequence[float] = DEFAULT_LOG_STEPS,
+    progress_bar: bool = True,
+) -> tuple[dict[int, list[float]], dict[int, float], dict[int, float]]:
+    """
+    The search of [`fit_schedules`] on any criterion: for each NFE of `num_inference_steps`, smallest first, the
+    schedule `search` finds from `search_starts(nfe)`, with the schedule found for one call fewer as its warm start
+    ("bounded") or second start ("descent") where that NFE is searched too. [`fit_schedules`] runs it on a pipeline's
+    [`ScheduleDistance`]; benchmarks/fitted_schedules_exact_denoiser.py on closed-form denoisers.
+
+    Args:
+        distance (`Callable[[list[float]], float]`): The criterion of a schedule in the search's coordinates (lower is
+            better), e.g. [`ScheduleDistance.search_distance`]. It is called again on schedules it has scored, so
+            it should remember them.
+        search_starts (`Callable[[int], list[list[float]]]`): The starts for an NFE, the formula schedule first, e.g.
+            [`ScheduleDistance.search_starts`] or [`karras_starts`].
+        num_inference_steps (`Sequence[int]`), search (`str`), log_steps (`Sequence[float]`), progress_bar (`bool`):
+            As in [`fit_schedules`].
+
+    Returns:
+        `tuple` `(schedules, formula_distances, fitted_distances)`, each by NFE: the schedules found (search
+        coordinates), and the distances of the formula and of the schedule found.
+    """
+    check_search(search)
+    schedules, formula_distances, fitted_distances = {}, {}, {}
+    bar = tqdm(sorted(num_inference_steps), desc="Fitting schedules", disable=not progress_bar)
+    for nfe in bar:
+        starts = search_starts(nfe)
+        formula_distances[nfe] = distance(starts[0])
+        below = schedules.get(nfe - 1)  # the fit for one call fewer
+        schedules[nfe], fitted_distances[nfe] = _fit_nfe(distance, starts, below, search, log_steps, nfe)
+        bar.set_postfix(nfe=nfe, formula=f"{formula_distances[nfe]:.3g}", fitted=f"{fitted_distances[nfe]:.3g}")
+    return schedules, formula_distances, fitted_distances
+
+
 @torch.no_grad()
 def fit_schedules(
     pipeline,
@@ -601,16 +640,10 @@ def fit_schedules(
         {"num_samples": num_samples, "num_validation_samples": num_validation_samples}, search,
     )
     distance = ScheduleDistance(pipeline, num_samples, teacher_steps, generator)
-    searched, formula_distances, fitted_distances = [], {}, {}
-    bar = tqdm(sorted(num_inference_steps), desc="Fitting schedules", disable=not progress_bar)
-    for nfe in bar:
-        starts = distance.search_starts(nfe)
-        formula_distances[nfe] = distance.search_distance(starts[0])
-        below = searched[-1] if nfe - 1 in fitted_distances else None  # the fit for one call fewer
-        sigmas, fitted_distances[nfe] = _fit_nfe(distance.search_distance, starts, below, search, log_steps, nfe)
-        searched.append(sigmas)
-        bar.set_postfix(nfe=nfe, formula=f"{formula_distances[nfe]:.3g}", fitted=f"{fitted_distances[nfe]:.3g}")
-    fitted = [distance.from_search(sigmas) for sigmas in searched]
+    searched, formula_distances, fitted_distances = search_schedules(
+        distance.search_distance, distance.search_starts, num_inference_steps, search, log_steps, progress_bar
+    )
+    fitted = [distance.from_search(searched[nfe]) for nfe in sorted(searched)]
     validation, num_validation_model_calls = ({}, {}), 0
     if validate:
         check = ScheduleDistance(pipeline, num_validation_samples, teacher_steps, generator)

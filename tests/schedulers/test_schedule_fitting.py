@@ -20,6 +20,7 @@ from qac_diffusers.schedulers import (
 from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_LOG_STEPS,
     FLOW_START_SHIFTS,
+    SEARCHES,
     ScheduleDistance,
     _fit_nfe,
     _fit_one,
@@ -31,6 +32,7 @@ from qac_diffusers.schedulers.schedule_fitting import (
     fit_schedules,
     karras_starts,
     pixel_features,
+    search_schedules,
     validate_schedules,
 )
 from qac_diffusers.schedulers.scheduling_ipndm import karras_sigmas
@@ -499,6 +501,28 @@ def test_bounded_search_descends_from_the_closest_start_the_stretched_fit_below_
     assert bounded != coordinate_descent(distance, warm, (0.5,), bounded_descent_trials(8))
     assert bounded[1] < min(distance(warm), alone[1])
     assert _fit_nfe(distance, starts, below, "descent", (0.5,), 8)[1] == pytest.approx(0.0)
+
+
+def test_search_schedules_fits_each_nfe_from_the_fit_one_call_fewer():
+    # On a criterion of schedules of any length, the search runs `_fit_nfe` NFE after NFE, smallest first, each with
+    # the schedule it found for one call fewer (none after a gap in the NFE list), and reports the formula's distance.
+    def distance(sigmas):
+        target = torch.logspace(math.log10(80.0), math.log10(0.002), len(sigmas), dtype=torch.float64) ** 0.9
+        return sum(abs(math.log(s) - math.log(t)) for s, t in zip(sigmas[1:-1], target[1:-1].tolist()))
+
+    def starts(nfe):  # the formula: halving from 80, then the last point
+        return [[80.0, *(80.0 * 0.5 ** (k + 1) for k in range(nfe - 1)), 0.002]]
+
+    for search in SEARCHES:
+        schedules, formula, fitted = search_schedules(distance, starts, [5, 3, 6], search, (0.5, 0.2), False)
+        assert list(schedules) == list(formula) == list(fitted) == [3, 5, 6]
+        for nfe, below in ((3, None), (5, None), (6, schedules[5])):
+            assert formula[nfe] == distance(starts(nfe)[0]) > fitted[nfe]
+            assert (schedules[nfe], fitted[nfe]) == _fit_nfe(distance, starts(nfe), below, search, (0.5, 0.2), nfe)
+        if search == "bounded":  # the warm start from NFE 5 changed NFE 6's fit
+            assert schedules[6] != _fit_nfe(distance, starts(6), None, search, (0.5, 0.2), 6)[0]
+    with pytest.raises(ValueError, match="The search must be one of 'bounded', 'descent', got 'greedy'"):
+        search_schedules(distance, starts, [3], "greedy")
 
 
 @pytest.mark.parametrize(
