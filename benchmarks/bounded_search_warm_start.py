@@ -137,6 +137,7 @@ def ratio_row(kind: str, runs: list[dict], new: str, old: str) -> str:
 def main() -> None:
     args = parse_args()
     torch.set_grad_enabled(False)
+    Path(args.results_dir).mkdir(parents=True, exist_ok=True)
     path = Path(args.results_dir) / "bounded_search_warm_start.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
 

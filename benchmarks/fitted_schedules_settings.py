@@ -136,6 +136,7 @@ def markdown(results: dict) -> str:
 def main() -> None:
     args = parse_args()
     work_dir, results_dir = Path(args.work_dir), Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / "fitted_schedules_settings.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     train_split, heldout_split, _ = few_step.split_dataset(args, work_dir)
