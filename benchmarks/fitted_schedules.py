@@ -10,13 +10,14 @@ the Karras schedule at 5x the NFE (the moonshot), and the seconds each fit took 
 And the converged sampler: the fit's teacher (variable-step iPNDM at 64 calls) from the same noise, with its own
 distance to the same sampler at 4x the calls, which a fitted schedule approaches as it approaches the teacher. And
 every sampler's FD again in feature spaces no fit uses (`OTHER_FEATURE_SPACES`), to tell a ranking of samplers from
-one classifier's taste.
+one classifier's taste. And how much of the FD is contrast: each sampler's pixel std against the teacher's from the
+same noise, and the FD of the teacher's samples with their contrast changed by 1-2%.
 
     python benchmarks/fitted_schedules.py --work_dir benchmarks/work     # reuses few_step_quality.py's models
 
 Writes benchmarks/results/fitted_schedules_digits.{md,json,png}. Resumable: each fit is saved beside its model
-(fitted_scheduler/, bounded_scheduler/) and each FD in the model's benchmark_measurements.json, under the keys
-few_step_quality.py uses.
+(fitted_scheduler/, bounded_scheduler/) and each measurement in the model's benchmark_measurements.json (the FDs under
+the keys few_step_quality.py uses).
 """
 
 import argparse
@@ -72,6 +73,10 @@ OTHER_FEATURE_SPACES = {
     "small classifier (16, 32 channels; 32-d), seed 5": {"seed": 5, "block_out_channels": (16, 32), "feature_dim": 32},
     "pixels": None,
 }
+CLASSIFIER = "classifier (the benchmark's)"
+# The teacher's samples with their intensities scaled about mid-gray by these factors: how much FD a change of
+# contrast alone makes, next to each sampler's contrast against the teacher (stop 26, README "Fitted schedules").
+CONTRAST_SCALES = (0.98, 0.99, 1.01, 1.02, 1.03, 1.05)
 
 
 def parse_args() -> argparse.Namespace:
@@ -127,7 +132,8 @@ def images_denoised(fit, validation_samples: int) -> int:
 def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features, spaces: dict) -> dict:
     """
     FD[solver][nfe] of one model, its fitted FD resampled with other seeds, its fit facts, each sampler's FD to the
-    teacher and its FD to the data in the other feature spaces (`spaces`, see `feature_spaces`).
+    teacher, its FD to the data in the other feature spaces (`spaces`, see `feature_spaces`) and its contrast against
+    the teacher (`teacher_comparisons`), and the teacher's FD with its contrast changed (`contrast_sensitivity`).
     """
     pipe = QACPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -143,61 +149,77 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
         args, model_dir, pipe, seed, bounded, BOUNDED, classifier, heldout_features, FIT_FOLDERS[BOUNDED]
     )
     results["fd"][BOUNDED] = results["bounded"]["fd"][BOUNDED]
-    results["to_teacher"] = distances_to_teacher(args, model_dir, pipe, seed, {**samplers, **bounded}, classifier)
-    results["other_spaces"] = other_space_distances(args, model_dir, pipe, seed, {**samplers, **bounded}, spaces)
+    teacher_scheduler, (teacher_nfe,) = samplers[TEACHER]
+
+    @functools.cache
+    def teacher() -> tuple[torch.Tensor, torch.Tensor]:  # sampled only if a measurement needs it
+        images = scheduler_images(pipe, teacher_scheduler, args.num_samples, teacher_nfe, seed)
+        return images, extract_features(classifier, images)
+
+    results.update(teacher_comparisons(args, model_dir, pipe, seed, {**samplers, **bounded}, classifier, spaces,
+                                       teacher))
+    everywhere = {CLASSIFIER: (classifier, heldout_features), **spaces}
+    results["contrast_sensitivity"] = contrast_sensitivity(args, model_dir, teacher, everywhere)
     pipe.scheduler = karras
     key = f"teacher pixel frechet_distance to {4 * DEFAULT_TEACHER_STEPS} calls {TEACHER_CHECK_DRAWS} draws"
     results["teacher_error"] = few_step.cached(model_dir, key, teacher_error, pipe)
     return results
 
 
-def distances_to_teacher(args, model_dir: Path, pipe: QACPipeline, seed: int, samplers: dict, classifier) -> dict:
+def teacher_comparisons(args, model_dir: Path, pipe: QACPipeline, seed: int, samplers: dict, classifier, spaces: dict,
+                        teacher) -> dict:
     """
-    FD[sampler][nfe] in the classifier features between each sampler's samples and the teacher's from the same noise
-    and codes (the draws of the FD to the data): how far each sampler is from the solution of the model's ODE, which
-    the fits approach, without the data's side. Each cached in the model's folder; the teacher sampled only if needed.
+    For each sampler and NFE, from one set of its samples (the noise and codes of its FD to the data):
+    "to_teacher", its FD to the teacher's samples in the classifier features (how far it is from the solution of the
+    model's ODE, which the fits approach, without the data's side); "other_spaces", its FD to the held-out split in
+    each of `spaces` (`feature_spaces`); "contrast", the std of its pixels over the teacher's. `teacher()`: the
+    teacher's samples and their classifier features. Each (sampler, NFE) cached in the model's folder.
     """
-    teacher_scheduler, (teacher_nfe,) = samplers[TEACHER]
-    teacher = functools.cache(lambda: scheduler_features(pipe, teacher_scheduler, args.num_samples, teacher_nfe, seed,
-                                                         classifier))
-    distances = {}
+    comparisons = {part: {} for part in ("to_teacher", "other_spaces", "contrast")}
     for name, (scheduler, nfes) in samplers.items():
-        if name == TEACHER:
-            continue
         for nfe in nfes:
-            key = f"classifier frechet_distance to {TEACHER} {name} nfe {nfe} {args.num_samples} samples"
-            distances.setdefault(name, {})[nfe] = few_step.cached(model_dir, key, lambda: frechet_distance(
-                scheduler_features(pipe, scheduler, args.num_samples, nfe, seed, classifier), teacher()))
-    return distances
+            key = f"teacher comparisons {name} nfe {nfe} {args.num_samples} samples"
+            images = (lambda: teacher()[0]) if name == TEACHER else functools.partial(
+                scheduler_images, pipe, scheduler, args.num_samples, nfe, seed)
+            measured = few_step.cached(model_dir, key, compare_to_teacher, images, teacher, classifier, spaces)
+            for part, value in measured.items():
+                comparisons[part].setdefault(name, {})[nfe] = value
+    return comparisons
 
 
-def other_space_distances(args, model_dir: Path, pipe: QACPipeline, seed: int, samplers: dict, spaces: dict) -> dict:
+def compare_to_teacher(images, teacher, classifier, spaces: dict) -> dict:
+    """`teacher_comparisons`' three measurements of the samples `images()`."""
+    images = images()
+    teacher_images, teacher_features = teacher()
+    return {"to_teacher": frechet_distance(extract_features(classifier, images), teacher_features),
+            "other_spaces": {space: frechet_distance(extract_features(network, images), heldout)
+                             for space, (network, heldout) in spaces.items()},
+            "contrast": float(images.std() / teacher_images.std())}
+
+
+def contrast_sensitivity(args, model_dir: Path, teacher, spaces: dict) -> dict:
     """
-    FD[sampler][nfe][space] to the held-out split in each of `spaces` (`feature_spaces`), of the samples whose
-    classifier FD the main table holds (the same noise and codes); each (sampler, NFE) cached in the model's folder.
+    {scale: {"contrast": ..., "fd": {space: FD}}}: the teacher's samples with their intensities scaled by each of
+    `CONTRAST_SCALES` about mid-gray and clipped to [-1, 1], their contrast against the teacher's (the pixel std
+    ratio, below the scale where pixels clip) and their FD to the held-out split in each of `spaces` (the benchmark's
+    classifier among them): how much FD a change of contrast alone makes. Cached in the model's folder.
     """
-    distances = {}
-    for name, (scheduler, nfes) in samplers.items():
-        pipe.scheduler = scheduler
-        for nfe in nfes:
-            key = f"frechet_distance other feature spaces {name} nfe {nfe} {args.num_samples} samples"
-            distances.setdefault(name, {})[nfe] = few_step.cached(
-                model_dir, key, space_distances, pipe, args.num_samples, nfe, seed, spaces
-            )
-    return distances
+    def measure() -> dict:
+        images = teacher()[0]
+        scaled = {scale: (images * scale).clamp(-1, 1) for scale in CONTRAST_SCALES}
+        return {scale: {"contrast": float(changed.std() / images.std()),
+                        "fd": {space: frechet_distance(extract_features(network, changed), heldout)
+                               for space, (network, heldout) in spaces.items()}}
+                for scale, changed in scaled.items()}
+
+    key = f"teacher contrast scaled {' '.join(map(str, CONTRAST_SCALES))} {args.num_samples} samples"
+    return {float(scale): distances for scale, distances in few_step.cached(model_dir, key, measure).items()}
 
 
-def space_distances(pipe: QACPipeline, num_samples: int, nfe: int, seed: int, spaces: dict) -> dict:
-    """{space: FD} of `num_samples` samples at `nfe`, drawn as few_step_quality.py's `sample_features` draws them."""
-    samples = few_step.generate(pipe, num_samples, nfe, seed=1000 + seed)
-    return {space: frechet_distance(extract_features(network, samples), heldout)
-            for space, (network, heldout) in spaces.items()}
-
-
-def scheduler_features(pipe: QACPipeline, scheduler, num_samples: int, nfe: int, seed: int, classifier):
-    """few_step_quality.py's `sample_features` with `scheduler` set on the pipeline."""
+def scheduler_images(pipe: QACPipeline, scheduler, num_samples: int, nfe: int, seed: int) -> torch.Tensor:
+    """few_step_quality.py's samples of `sample_features` (seed 1000 + `seed`) with `scheduler` set on the pipeline."""
     pipe.scheduler = scheduler
-    return few_step.sample_features(pipe, num_samples, nfe, seed, classifier)
+    return few_step.generate(pipe, num_samples, nfe, seed=1000 + seed)
 
 
 def teacher_error(pipe: QACPipeline) -> float:
@@ -324,7 +346,7 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
     for nfe in args.moonshot_nfe:
         qac = [run["fd"][FITTED][nfe] for run in results["qac"]]
         lines.append(f"| {nfe} | {mean_std(qac)} | {mean_std([m[nfe] for m in moon])} |")
-    lines += ["", *feature_space_lines(args, results), *cost_table(args, results)]
+    lines += ["", *feature_space_lines(args, results), *contrast_lines(args, results), *cost_table(args, results)]
     lines += ["", "Fitted schedules of seed 0 (sigma from sigma_max to sigma_min, the first step analytical):", ""]
     for model, (fit, key) in itertools.product(args.models, ((FITTED, None), (BOUNDED, "bounded"))):
         run = results[model][0] if key is None else results[model][0][key]
@@ -354,8 +376,9 @@ def no_hole_lines(args, runs: list[dict], fitted: str) -> list[str]:
     for seed, run in zip(args.seeds, runs):
         found = rises(run, args.nfe, fitted)
         text = ", ".join(f"NFE {low}->{low + 1}: +{rise:.2f}" for low, rise in found) or "none"
-        beyond = [rise for _, rise in found if rise > 2 * noise]
-        lines.append(f"- seed {seed}: {fitted} FD rises with NFE: {text}; beyond 2x the noise: {len(beyond)}.")
+        beyond = [sum(rise > factor * noise for _, rise in found) for factor in (1, 2)]
+        lines.append(f"- seed {seed}: {fitted} FD rises with NFE: {text}; beyond the noise: {beyond[0]}, beyond 2x "
+                     f"the noise: {beyond[1]}.")
     return lines
 
 
@@ -434,6 +457,50 @@ def feature_space_lines(args, results: dict) -> list[str]:
     return lines
 
 
+def contrast_lines(args, results: dict) -> list[str]:
+    """
+    The markdown lines of the contrast measurements: the teacher's FD with its contrast changed
+    (`contrast_sensitivity`) in each feature space, and each sampler's contrast against the teacher at each NFE.
+    """
+    solvers = [*KARRAS_SOLVERS, FITTED, BOUNDED]
+    lines = ["## How much of the FD is contrast", "",
+             "The teacher's samples (above) with their intensities scaled about mid-gray and clipped to [-1, 1], "
+             "their FD to the held-out split in each feature space, mean over seeds (in the header: their pixel "
+             "std over the teacher's, minus 1, which clipping keeps below the scale). Then each sampler's contrast "
+             "against the teacher from the same noise and codes (the std of its pixels over the teacher's, minus 1, "
+             "in %; mean ± std over seeds) and the best Karras solver by FD to the data. Figure: "
+             "fitted_schedules_digits_contrast.png.", ""]
+    for model in args.models:
+        runs = results[model]
+        changes = [f"{100 * (np.mean([run['contrast_sensitivity'][scale]['contrast'] for run in runs]) - 1):+.1f}%"
+                   for scale in CONTRAST_SCALES]
+        headers = [f"x {scale} ({change})" for scale, change in zip(CONTRAST_SCALES, changes)]
+        below = sum(scale < 1 for scale in CONTRAST_SCALES)  # the teacher's column after these
+        headers.insert(below, "teacher")
+        lines += [f"### {model}", "", "| feature space | " + " | ".join(headers) + " |",
+                  "|---" * (len(headers) + 1) + "|"]
+        for space in [CLASSIFIER, *OTHER_FEATURE_SPACES]:
+            cells = [np.mean([run["contrast_sensitivity"][scale]["fd"][space] for run in runs])
+                     for scale in CONTRAST_SCALES]
+            cells.insert(below, np.mean([teacher_distance(run, space) for run in runs]))
+            lines.append(f"| {space} | " + " | ".join(f"{cell:.3g}" for cell in cells) + " |")
+        lines += ["", "| NFE | " + " | ".join(solvers) + " | best Karras by FD |", "|---" * (len(solvers) + 2) + "|"]
+        for nfe in args.nfe:
+            cells = [[100 * (run["contrast"][solver][nfe] - 1) for run in runs] for solver in solvers]
+            best = min(KARRAS_SOLVERS, key=lambda solver: np.mean([run["fd"][solver][nfe] for run in runs]))
+            lines.append(f"| {nfe} | " + " | ".join(f"{np.mean(cell):+.1f} ± {np.std(cell):.1f}" for cell in cells)
+                         + f" | {best} |")
+        lines.append("")
+    return lines
+
+
+def teacher_distance(run: dict, space: str) -> float:
+    """The teacher's FD to the held-out split in `space` (the benchmark's classifier or one of the other spaces)."""
+    if space == CLASSIFIER:
+        return run["fd"][TEACHER][DEFAULT_TEACHER_STEPS]
+    return run["other_spaces"][TEACHER][DEFAULT_TEACHER_STEPS][space]
+
+
 def cost_table(args, results: dict) -> list[str]:
     """The markdown lines of the fits' cost: seconds, UNet calls and images against each model's training."""
     lines = ["## Cost of fitting (2-core CPU, shared machine)", "",
@@ -473,6 +540,34 @@ def plot(args, results: dict, moon: dict, floor: float, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def plot_contrast(args, results: dict, path: Path) -> None:
+    """
+    Per model: the FD to the data against the contrast, both relative to the teacher, of every sampler at NFE 6-10
+    on each seed (the NFE of the misses), and of the teacher's samples with their contrast changed (the line).
+    """
+    figure, axes = plt.subplots(1, len(args.models), figsize=(6 * len(args.models), 4.2), sharey=True)
+    for axis, model in zip(np.atleast_1d(axes), args.models):
+        runs = results[model]
+        scales = sorted([*CONTRAST_SCALES, 1.0])
+        line = [[(run["contrast_sensitivity"][scale]["contrast"] if scale != 1.0 else 1.0,
+                  run["contrast_sensitivity"][scale]["fd"][CLASSIFIER] if scale != 1.0 else teacher_distance(
+                      run, CLASSIFIER)) for scale in scales] for run in runs]
+        line = np.mean(line, axis=0) - [1, 0]
+        line[:, 1] -= np.mean([teacher_distance(run, CLASSIFIER) for run in runs])
+        axis.plot(100 * line[:, 0], line[:, 1], "k-o", label="teacher, contrast changed")
+        for solver in [*KARRAS_SOLVERS, FITTED, BOUNDED]:
+            points = np.array([(run["contrast"][solver][nfe] - 1, run["fd"][solver][nfe] - teacher_distance(
+                run, CLASSIFIER)) for run in runs for nfe in args.nfe if nfe >= 6])
+            axis.scatter(100 * points[:, 0], points[:, 1], s=14, label=solver)
+        axis.axhline(0, color="gray", linewidth=0.5)
+        axis.set(title=f"{model}, NFE 6-10, {len(runs)} seeds (holes beyond the axes left out)", xlim=(-4, 4),
+                 ylim=(-4, 8), xlabel="contrast against the teacher (pixel std ratio - 1, %)")
+        axis.legend(fontsize=8, loc="upper right")
+    np.atleast_1d(axes)[0].set_ylabel("FD to the data minus the teacher's (digits classifier)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     args = parse_args()
     work_dir, results_dir = Path(args.work_dir), Path(args.results_dir)
@@ -496,6 +591,7 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps(
         {"args": vars(args), "results": results, "moonshot_baseline": moon, "real_vs_heldout": floor}, indent=1))
     plot(args, results, moon, floor, stem.with_suffix(".png"))
+    plot_contrast(args, results, stem.with_name(f"{stem.name}_contrast.png"))
     print(report)
 
 
