@@ -111,11 +111,11 @@ def main() -> None:
             eval_flow = Flow(*common, args.eval_samples, generator, args.reference_steps)
             validation_flow = Flow(*common, DEFAULT_VALIDATION_SAMPLES, generator, args.reference_steps)
             rows = results.setdefault(f"tau {tau:g} {kind}", {})
-            starts = functools.partial(karras_starts, IPNDMScheduler(**EDM))
-            fits = {search: search_schedules(fit_flow.distance, starts, args.nfe, search, progress_bar=False)[0]
+            search_starts = functools.partial(karras_starts, IPNDMScheduler(**EDM))
+            fits = {search: search_schedules(fit_flow.distance, search_starts, args.nfe, search, progress_bar=False)[0]
                     for search in ("descent", "bounded")}  # each search's fits, NFE after NFE as fit_schedules fits
             for nfe in sorted(args.nfe):
-                karras, fitted, bounded = starts(nfe)[0], fits["descent"][nfe], fits["bounded"][nfe]
+                karras, fitted, bounded = search_starts(nfe)[0], fits["descent"][nfe], fits["bounded"][nfe]
                 # as fit_schedules keeps them: only where closer than Karras on the validation's draws too
                 kept = {name: validation_flow.distance(sigmas) < validation_flow.distance(karras)
                         for name, sigmas in (("fitted", fitted), ("bounded", bounded))}

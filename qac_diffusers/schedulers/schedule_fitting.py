@@ -30,7 +30,7 @@ teacher there ([`validate_schedules`]); elsewhere the scheduler keeps the formul
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -325,14 +325,17 @@ def fitted_scheduler_class(scheduler) -> type:
     )
 
 
-def check_fit_nfe(num_inference_steps: Sequence[int], teacher_steps: int = DEFAULT_TEACHER_STEPS) -> None:
-    """Refuse NFE that [`fit_schedules`] cannot fit: not a non-empty list of distinct integers < `teacher_steps`."""
+def check_fit_nfe(num_inference_steps: Sequence[int], teacher_steps: int | None = DEFAULT_TEACHER_STEPS) -> None:
+    """
+    Refuse NFE that [`fit_schedules`] cannot fit: not a non-empty list of distinct integers >= 1 (and < `teacher_steps`
+    unless that is `None`: a search without a teacher).
+    """
     steps = list(num_inference_steps)
     if not steps or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in steps):
         raise ValueError(f"The NFE to fit must be a non-empty list of integers >= 1, got {steps!r}.")
     if len(set(steps)) != len(steps):
         raise ValueError(f"The NFE to fit list one twice: {steps}.")
-    if teacher_steps <= max(steps):
+    if teacher_steps is not None and teacher_steps <= max(steps):
         raise ValueError(
             f"The teacher's {teacher_steps} model calls must exceed the largest NFE fitted ({max(steps)}): the "
             "teacher is the converged sampler the fitted ones are compared to."
@@ -538,8 +541,8 @@ def _validate(distance: ScheduleDistance, fitted_sigmas: Sequence[Sequence[float
 
 
 def search_schedules(
-    distance,
-    search_starts,
+    distance: Callable[[list[float]], float],
+    search_starts: Callable[[int], list[list[float]]],
     num_inference_steps: Sequence[int],
     search: str = DEFAULT_SEARCH,
     log_steps: Sequence[float] = DEFAULT_LOG_STEPS,
@@ -547,23 +550,33 @@ def search_schedules(
 ) -> tuple[dict[int, list[float]], dict[int, float], dict[int, float]]:
     """
     The search of [`fit_schedules`] on any criterion: for each NFE of `num_inference_steps`, smallest first, the
-    schedule `search` finds from `search_starts(nfe)`, with the schedule found for one call fewer as its warm start
-    ("bounded") or second start ("descent") where that NFE is searched too. [`fit_schedules`] runs it on a pipeline's
-    [`ScheduleDistance`]; benchmarks/fitted_schedules_exact_denoiser.py on closed-form denoisers.
+    schedule `search` finds from `search_starts(nfe)`. Where the NFE one below is searched in the same call, its
+    schedule is one more start: "bounded" adds it stretched to one more point (the warm start), "descent" descends
+    again from its best one-point insertion. [`fit_schedules`] runs it on a pipeline's [`ScheduleDistance`];
+    benchmarks/fitted_schedules_exact_denoiser.py on closed-form denoisers.
 
     Args:
-        distance (`Callable[[list[float]], float]`): The criterion of a schedule in the search's coordinates (lower is
-            better), e.g. [`ScheduleDistance.search_distance`]. It is called again on schedules it has scored, so
-            it should remember them.
-        search_starts (`Callable[[int], list[list[float]]]`): The starts for an NFE, the formula schedule first, e.g.
-            [`ScheduleDistance.search_starts`] or [`karras_starts`].
-        num_inference_steps (`Sequence[int]`), search (`str`), log_steps (`Sequence[float]`), progress_bar (`bool`):
-            As in [`fit_schedules`].
+        distance (`Callable[[list[float]], float]`):
+            The criterion of a schedule in the search's coordinates (lower is better), e.g.
+            [`ScheduleDistance.search_distance`]. It is called again on schedules it has scored, so it should
+            remember them.
+        search_starts (`Callable[[int], list[list[float]]]`):
+            The starts for an NFE, the formula schedule first, e.g. [`ScheduleDistance.search_starts`] or
+            [`karras_starts`].
+        num_inference_steps (`Sequence[int]`):
+            The NFEs to search: distinct integers >= 1.
+        search (`str`, defaults to `"bounded"`):
+            `"bounded"` or `"descent"`, as in [`fit_schedules`].
+        log_steps (`Sequence[float]`, defaults to `(0.5, 0.2)`):
+            The descent's steps in log sigma, largest first; the bounded search moves by the last only.
+        progress_bar (`bool`, defaults to `True`):
+            Show one bar step per NFE.
 
     Returns:
         `tuple` `(schedules, formula_distances, fitted_distances)`, each by NFE: the schedules found (search
         coordinates), and the distances of the formula and of the schedule found.
     """
+    check_fit_nfe(num_inference_steps, teacher_steps=None)
     check_search(search)
     schedules, formula_distances, fitted_distances = {}, {}, {}
     bar = tqdm(sorted(num_inference_steps), desc="Fitting schedules", disable=not progress_bar)

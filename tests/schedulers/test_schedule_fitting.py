@@ -1,5 +1,6 @@
 """Fitted sampling schedules: the search, the scheduler config that carries them, and the pipeline that uses them."""
 
+import functools
 import importlib.util
 import itertools
 import math
@@ -510,19 +511,23 @@ def test_search_schedules_fits_each_nfe_from_the_fit_one_call_fewer():
         target = torch.logspace(math.log10(80.0), math.log10(0.002), len(sigmas), dtype=torch.float64) ** 0.9
         return sum(abs(math.log(s) - math.log(t)) for s, t in zip(sigmas[1:-1], target[1:-1].tolist()))
 
-    def starts(nfe):  # the formula: halving from 80, then the last point
-        return [[80.0, *(80.0 * 0.5 ** (k + 1) for k in range(nfe - 1)), 0.002]]
+    def starts(nfe):  # the formula (halving from 80, then the last point), then a closer start (a fifth each step)
+        return [[80.0, *(80.0 * ratio ** (k + 1) for k in range(nfe - 1)), 0.002] for ratio in (0.5, 0.2)]
 
     for search in SEARCHES:
         schedules, formula, fitted = search_schedules(distance, starts, [5, 3, 6], search, (0.5, 0.2), False)
         assert list(schedules) == list(formula) == list(fitted) == [3, 5, 6]
         for nfe, below in ((3, None), (5, None), (6, schedules[5])):
-            assert formula[nfe] == distance(starts(nfe)[0]) > fitted[nfe]
+            assert formula[nfe] == distance(starts(nfe)[0]) > distance(starts(nfe)[1]) > fitted[nfe]
             assert (schedules[nfe], fitted[nfe]) == _fit_nfe(distance, starts(nfe), below, search, (0.5, 0.2), nfe)
         if search == "bounded":  # the warm start from NFE 5 changed NFE 6's fit
             assert schedules[6] != _fit_nfe(distance, starts(6), None, search, (0.5, 0.2), 6)[0]
     with pytest.raises(ValueError, match="The search must be one of 'bounded', 'descent', got 'greedy'"):
         search_schedules(distance, starts, [3], "greedy")
+    with pytest.raises(ValueError, match=r"The NFE to fit list one twice: \[3, 3\]"):
+        search_schedules(distance, starts, [3, 3])
+    karras = functools.partial(karras_starts, IPNDMScheduler())  # no teacher to stay below: NFE 70 is searched
+    assert list(search_schedules(distance, karras, [70], progress_bar=False)[0]) == [70]
 
 
 @pytest.mark.parametrize(
