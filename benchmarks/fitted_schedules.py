@@ -182,14 +182,14 @@ def teacher_comparisons(args, model_dir: Path, pipe: QACPipeline, seed: int, sam
             images = (lambda: teacher()[0]) if name == TEACHER else functools.partial(
                 scheduler_images, pipe, scheduler, args.num_samples, nfe, seed)
             measured = few_step.cached(model_dir, key, compare_to_teacher, images, teacher, classifier, spaces)
-            for part, value in measured.items():
-                comparisons[part].setdefault(name, {})[nfe] = value
+            for part in ("other_spaces",) if name == TEACHER else comparisons:  # not the teacher against itself
+                comparisons[part].setdefault(name, {})[nfe] = measured[part]
     return comparisons
 
 
-def compare_to_teacher(images, teacher, classifier, spaces: dict) -> dict:
-    """`teacher_comparisons`' three measurements of the samples `images()`."""
-    images = images()
+def compare_to_teacher(sample, teacher, classifier, spaces: dict) -> dict:
+    """`teacher_comparisons`' three measurements of the samples `sample()`."""
+    images = sample()
     teacher_images, teacher_features = teacher()
     return {"to_teacher": frechet_distance(extract_features(classifier, images), teacher_features),
             "other_spaces": {space: frechet_distance(extract_features(network, images), heldout)
@@ -330,7 +330,7 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
                   "≤ best? | seeds on Karras (fitted; bounded) |", "|---" * (len(solvers) + 5) + "|"]
         for nfe in args.nfe:
             cells = {solver: [run["fd"][solver][nfe] for run in runs] for solver in solvers}
-            best = min(KARRAS_SOLVERS, key=lambda solver: np.mean(cells[solver]))
+            best = best_karras(runs, nfe)
             verdicts = ["yes" if np.mean(cells[fit]) <= np.mean(cells[best]) else "**no**"
                         for fit in (FITTED, BOUNDED)]
             row = [mean_std(cells[solver]) for solver in solvers]
@@ -356,7 +356,7 @@ def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> 
 
 
 def teacher_table(args, runs: list[dict], solvers: list[str]) -> list[str]:
-    """The markdown lines of each sampler's FD to the converged sampler (`distances_to_teacher`), mean ± std."""
+    """The markdown lines of each sampler's FD to the converged sampler (`teacher_comparisons`), mean ± std."""
     lines = [f"FD to the converged sampler ({TEACHER}, {DEFAULT_TEACHER_STEPS} calls) in the same classifier "
              f"features, from the same {args.num_samples} noise draws and codes:", "",
              "| NFE | " + " | ".join(solvers) + " | closest |", "|---" * (len(solvers) + 2) + "|"]
@@ -460,38 +460,62 @@ def feature_space_lines(args, results: dict) -> list[str]:
 def contrast_lines(args, results: dict) -> list[str]:
     """
     The markdown lines of the contrast measurements: the teacher's FD with its contrast changed
-    (`contrast_sensitivity`) in each feature space, and each sampler's contrast against the teacher at each NFE.
+    (`contrast_sensitivity`) in each feature space, and each sampler's contrast against the teacher at each NFE with
+    the part of its FD excess over the teacher that this contrast explains (`contrast_excess`).
     """
     solvers = [*KARRAS_SOLVERS, FITTED, BOUNDED]
     lines = ["## How much of the FD is contrast", "",
-             "The teacher's samples (above) with their intensities scaled about mid-gray and clipped to [-1, 1], "
-             "their FD to the held-out split in each feature space, mean over seeds (in the header: their pixel "
-             "std over the teacher's, minus 1, which clipping keeps below the scale). Then each sampler's contrast "
-             "against the teacher from the same noise and codes (the std of its pixels over the teacher's, minus 1, "
-             "in %; mean ± std over seeds) and the best Karras solver by FD to the data. Figure: "
-             "fitted_schedules_digits_contrast.png.", ""]
+             "The teacher's samples (above) with their intensities scaled about mid-gray and clipped to [-1, 1] (so "
+             "x 0.98 also lifts the black background from -1 to -0.98), their FD to the held-out split in each "
+             "feature space, mean over seeds (in the header: their pixel std over the teacher's, minus 1, which "
+             "clipping keeps below the scale). Then each sampler's contrast against the teacher from the same noise "
+             "and codes (the std of its pixels over the teacher's, minus 1, in %; mean ± std over seeds), and in "
+             "brackets its FD excess over the teacher's in the benchmark's classifier that this contrast alone "
+             "explains (the teacher's curve above at that contrast, per seed, linearly interpolated; - outside its "
+             "range) / its actual excess, means over seeds. Figure: fitted_schedules_digits_contrast.png.", ""]
     for model in args.models:
         runs = results[model]
-        changes = [f"{100 * (np.mean([run['contrast_sensitivity'][scale]['contrast'] for run in runs]) - 1):+.1f}%"
-                   for scale in CONTRAST_SCALES]
-        headers = [f"x {scale} ({change})" for scale, change in zip(CONTRAST_SCALES, changes)]
-        below = sum(scale < 1 for scale in CONTRAST_SCALES)  # the teacher's column after these
-        headers.insert(below, "teacher")
+        curves = {space: [teacher_curve(run, space) for run in runs] for space in [CLASSIFIER, *OTHER_FEATURE_SPACES]}
+        columns = list(zip(*curves[CLASSIFIER]))  # per scale, the (scale, contrast, FD) of each seed
+        headers = ["teacher" if points[0][0] == 1 else
+                   f"x {points[0][0]} ({100 * (np.mean([point[1] for point in points]) - 1):+.1f}%)"
+                   for points in columns]
         lines += [f"### {model}", "", "| feature space | " + " | ".join(headers) + " |",
                   "|---" * (len(headers) + 1) + "|"]
-        for space in [CLASSIFIER, *OTHER_FEATURE_SPACES]:
-            cells = [np.mean([run["contrast_sensitivity"][scale]["fd"][space] for run in runs])
-                     for scale in CONTRAST_SCALES]
-            cells.insert(below, np.mean([teacher_distance(run, space) for run in runs]))
+        for space, space_curves in curves.items():
+            cells = [np.mean([point[2] for point in points]) for points in zip(*space_curves)]
             lines.append(f"| {space} | " + " | ".join(f"{cell:.3g}" for cell in cells) + " |")
         lines += ["", "| NFE | " + " | ".join(solvers) + " | best Karras by FD |", "|---" * (len(solvers) + 2) + "|"]
         for nfe in args.nfe:
-            cells = [[100 * (run["contrast"][solver][nfe] - 1) for run in runs] for solver in solvers]
-            best = min(KARRAS_SOLVERS, key=lambda solver: np.mean([run["fd"][solver][nfe] for run in runs]))
-            lines.append(f"| {nfe} | " + " | ".join(f"{np.mean(cell):+.1f} ± {np.std(cell):.1f}" for cell in cells)
-                         + f" | {best} |")
+            cells = []
+            for solver in solvers:
+                contrast = [100 * (run["contrast"][solver][nfe] - 1) for run in runs]
+                explained = np.mean([contrast_excess(run, run["contrast"][solver][nfe]) for run in runs])
+                actual = np.mean([run["fd"][solver][nfe] - teacher_distance(run, CLASSIFIER) for run in runs])
+                explained = "-" if np.isnan(explained) else f"{explained:.1f}"
+                cells.append(f"{np.mean(contrast):+.1f} ± {np.std(contrast):.1f} ({explained} / {actual:.1f})")
+            lines.append(f"| {nfe} | " + " | ".join(cells) + f" | {best_karras(runs, nfe)} |")
         lines.append("")
     return lines
+
+
+def teacher_curve(run: dict, space: str) -> list[tuple[float, float, float]]:
+    """
+    (scale, contrast, FD) of the teacher's samples with their contrast changed (`contrast_sensitivity`) and of the
+    teacher itself (1, 1, its FD), by scale, in `space` (the benchmark's classifier or one of the other spaces).
+    """
+    changed = [(scale, measured["contrast"], measured["fd"][space])
+               for scale, measured in run["contrast_sensitivity"].items()]
+    return sorted([*changed, (1.0, 1.0, teacher_distance(run, space))])
+
+
+def contrast_excess(run: dict, contrast: float) -> float:
+    """The FD excess over the teacher in the benchmark's classifier that `contrast` alone gives, on the teacher's
+    curve (`teacher_curve`, linearly interpolated); NaN outside the curve's range."""
+    _, contrasts, distances = zip(*teacher_curve(run, CLASSIFIER))
+    if not min(contrasts) <= contrast <= max(contrasts):
+        return float("nan")
+    return float(np.interp(contrast, contrasts, distances)) - teacher_distance(run, CLASSIFIER)
 
 
 def teacher_distance(run: dict, space: str) -> float:
@@ -499,6 +523,11 @@ def teacher_distance(run: dict, space: str) -> float:
     if space == CLASSIFIER:
         return run["fd"][TEACHER][DEFAULT_TEACHER_STEPS]
     return run["other_spaces"][TEACHER][DEFAULT_TEACHER_STEPS][space]
+
+
+def best_karras(runs: list[dict], nfe: int) -> str:
+    """The Karras solver with the lowest mean FD over `runs` (seeds) at `nfe`."""
+    return min(KARRAS_SOLVERS, key=lambda solver: np.mean([run["fd"][solver][nfe] for run in runs]))
 
 
 def cost_table(args, results: dict) -> list[str]:
@@ -543,17 +572,13 @@ def plot(args, results: dict, moon: dict, floor: float, path: Path) -> None:
 def plot_contrast(args, results: dict, path: Path) -> None:
     """
     Per model: the FD to the data against the contrast, both relative to the teacher, of every sampler at NFE 6-10
-    on each seed (the NFE of the misses), and of the teacher's samples with their contrast changed (the line).
+    (where QAC's misses are) on each seed, and of the teacher's samples with their contrast changed (the line).
     """
     figure, axes = plt.subplots(1, len(args.models), figsize=(6 * len(args.models), 4.2), sharey=True)
     for axis, model in zip(np.atleast_1d(axes), args.models):
         runs = results[model]
-        scales = sorted([*CONTRAST_SCALES, 1.0])
-        line = [[(run["contrast_sensitivity"][scale]["contrast"] if scale != 1.0 else 1.0,
-                  run["contrast_sensitivity"][scale]["fd"][CLASSIFIER] if scale != 1.0 else teacher_distance(
-                      run, CLASSIFIER)) for scale in scales] for run in runs]
-        line = np.mean(line, axis=0) - [1, 0]
-        line[:, 1] -= np.mean([teacher_distance(run, CLASSIFIER) for run in runs])
+        line = np.mean([[(contrast - 1, distance - teacher_distance(run, CLASSIFIER))
+                         for _, contrast, distance in teacher_curve(run, CLASSIFIER)] for run in runs], axis=0)
         axis.plot(100 * line[:, 0], line[:, 1], "k-o", label="teacher, contrast changed")
         for solver in [*KARRAS_SOLVERS, FITTED, BOUNDED]:
             points = np.array([(run["contrast"][solver][nfe] - 1, run["fd"][solver][nfe] - teacher_distance(
@@ -562,7 +587,7 @@ def plot_contrast(args, results: dict, path: Path) -> None:
         axis.axhline(0, color="gray", linewidth=0.5)
         axis.set(title=f"{model}, NFE 6-10, {len(runs)} seeds (holes beyond the axes left out)", xlim=(-4, 4),
                  ylim=(-4, 8), xlabel="contrast against the teacher (pixel std ratio - 1, %)")
-        axis.legend(fontsize=8, loc="upper right")
+        axis.legend(fontsize=8, loc="lower left")
     np.atleast_1d(axes)[0].set_ylabel("FD to the data minus the teacher's (digits classifier)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
