@@ -17,11 +17,13 @@ same noise, and the FD of the teacher's samples with their contrast changed by 1
 
 Writes benchmarks/results/fitted_schedules_digits.{md,json,png}. Resumable: each fit is saved beside its model
 (fitted_scheduler/, bounded_scheduler/) and each measurement in the model's benchmark_measurements.json (the FDs under
-the keys few_step_quality.py uses).
+the keys few_step_quality.py uses; a fitted sampler's keys also name a digest of its schedule: delete a fit's folder
+to refit and measure it anew).
 """
 
 import argparse
 import functools
+import hashlib
 import itertools
 import json
 import time
@@ -178,7 +180,7 @@ def teacher_comparisons(args, model_dir: Path, pipe: QACPipeline, seed: int, sam
     comparisons = {part: {} for part in ("to_teacher", "other_spaces", "contrast")}
     for name, (scheduler, nfes) in samplers.items():
         for nfe in nfes:
-            key = f"teacher comparisons {name} nfe {nfe} {args.num_samples} samples"
+            key = f"teacher comparisons {cache_name(name, scheduler, nfe)} nfe {nfe} {args.num_samples} samples"
             images = (lambda: teacher()[0]) if name == TEACHER else functools.partial(
                 scheduler_images, pipe, scheduler, args.num_samples, nfe, seed)
             measured = few_step.cached(model_dir, key, compare_to_teacher, images, teacher, classifier, spaces)
@@ -216,6 +218,17 @@ def contrast_sensitivity(args, model_dir: Path, teacher, spaces: dict) -> dict:
     return {float(scale): distances for scale, distances in few_step.cached(model_dir, key, measure).items()}
 
 
+def cache_name(name: str, scheduler, nfe: int) -> str:
+    """
+    `name` in the cache keys of the measurements of `scheduler` at `nfe`: followed by a digest of its fitted schedule
+    there, so that a refit is measured anew; alone on the formula (a Karras solver, or a fit the validation dropped).
+    """
+    if nfe not in getattr(scheduler, "fitted_num_inference_steps", []):
+        return name
+    digest = hashlib.sha256(json.dumps(scheduler.fitted_schedule(nfe)).encode()).hexdigest()
+    return f"{name} {digest[:12]}"
+
+
 def scheduler_images(pipe: QACPipeline, scheduler, num_samples: int, nfe: int, seed: int) -> torch.Tensor:
     """few_step_quality.py's samples of `sample_features` (seed 1000 + `seed`) with `scheduler` set on the pipeline."""
     pipe.scheduler = scheduler
@@ -244,7 +257,7 @@ def measure_samplers(
     for name, (scheduler, nfes) in samplers.items():
         pipe.scheduler = scheduler
         for nfe in nfes:
-            key = f"frechet_distance {name} nfe {nfe} {args.num_samples} samples"
+            key = f"frechet_distance {cache_name(name, scheduler, nfe)} nfe {nfe} {args.num_samples} samples"
             distance = few_step.cached(
                 model_dir, key, measure, pipe, args.num_samples, nfe, seed, classifier, heldout_features
             )
@@ -254,7 +267,8 @@ def measure_samplers(
     pipe.scheduler = scheduler
     for nfe in nfes:
         for draw in range(1, args.resample_seeds + 1):
-            key = f"frechet_distance {fitted} nfe {nfe} {args.num_samples} samples draw {draw}"
+            key = (f"frechet_distance {cache_name(fitted, scheduler, nfe)} nfe {nfe} {args.num_samples} samples "
+                   f"draw {draw}")
             distance = few_step.cached(
                 model_dir, key, measure, pipe, args.num_samples, nfe, 100 * draw + seed, classifier, heldout_features
             )

@@ -13,7 +13,8 @@ than twice that noise, the seconds each fit took next to the model's training ti
 
 Writes benchmarks/results/fitted_schedules_rectified_flow.{md,json,png}. Resumable: each fit is saved beside its
 model (fitted_scheduler/, fitted_heun_scheduler/, bounded_scheduler/) and each FD in the model's
-benchmark_measurements.json.
+benchmark_measurements.json (a fitted sampler's keys name a digest of its schedule: delete a fit's folder to refit and
+measure it anew).
 """
 
 import argparse
