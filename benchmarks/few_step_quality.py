@@ -212,9 +212,14 @@ def generate(pipe: QACPipeline, num_samples: int, nfe: int, seed: int, batch_siz
     return torch.cat(batches)
 
 
+def sample_images(pipe, num_samples: int, nfe: int, seed: int) -> torch.Tensor:
+    """The `num_samples` samples at `nfe` of the model trained with `seed`, drawn with seed 1000 + `seed`."""
+    return generate(pipe, num_samples, nfe, seed=1000 + seed)
+
+
 def sample_features(pipe, num_samples: int, nfe: int, seed: int, classifier) -> torch.Tensor:
-    """The classifier features of `num_samples` samples at `nfe`, drawn with seed 1000 + `seed`."""
-    return extract_features(classifier, generate(pipe, num_samples, nfe, seed=1000 + seed))
+    """The classifier features of `sample_images`."""
+    return extract_features(classifier, sample_images(pipe, num_samples, nfe, seed))
 
 
 def sample_frechet_distance(pipe, num_samples: int, nfe: int, seed: int, classifier, heldout_features) -> float:

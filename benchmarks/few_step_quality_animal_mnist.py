@@ -155,7 +155,7 @@ def feature_data(args, work_dir: Path, real: dict) -> dict:
 def measure_samples(pipe, args, nfe: int, seed: int, features: dict, train_images: torch.Tensor) -> dict:
     """Inception Frechet distance and nearest-training-image distances of the first `--inception_samples` samples
     (the same images as the first ones of the classifier measurement: same seed, same batches)."""
-    samples = fsq.generate(pipe, args.inception_samples, nfe, seed=1000 + seed)
+    samples = fsq.sample_images(pipe, args.inception_samples, nfe, seed)
     inception_fd = frechet_distance(extract_features(features["inception"], samples, batch_size=50),
                                     features["inception_heldout"])
     nearest = nearest_distances(samples, train_images)

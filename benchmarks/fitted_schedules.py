@@ -196,7 +196,7 @@ def compare_to_teacher(sample, teacher, classifier, spaces: dict) -> dict:
     return {"to_teacher": frechet_distance(extract_features(classifier, images), teacher_features),
             "other_spaces": {space: frechet_distance(extract_features(network, images), heldout)
                              for space, (network, heldout) in spaces.items()},
-            "contrast": float(images.std() / teacher_images.std())}
+            "contrast": contrast_ratio(images, teacher_images)}
 
 
 def contrast_sensitivity(args, model_dir: Path, teacher, spaces: dict) -> dict:
@@ -209,13 +209,18 @@ def contrast_sensitivity(args, model_dir: Path, teacher, spaces: dict) -> dict:
     def measure() -> dict:
         images = teacher()[0]
         scaled = {scale: (images * scale).clamp(-1, 1) for scale in CONTRAST_SCALES}
-        return {scale: {"contrast": float(changed.std() / images.std()),
+        return {scale: {"contrast": contrast_ratio(changed, images),
                         "fd": {space: frechet_distance(extract_features(network, changed), heldout)
                                for space, (network, heldout) in spaces.items()}}
                 for scale, changed in scaled.items()}
 
     key = f"teacher contrast scaled {' '.join(map(str, CONTRAST_SCALES))} {args.num_samples} samples"
     return {float(scale): distances for scale, distances in few_step.cached(model_dir, key, measure).items()}
+
+
+def contrast_ratio(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """The contrast of `images` against `reference`: the std of their pixels over the reference's."""
+    return float(images.std() / reference.std())
 
 
 def cache_name(name: str, scheduler, nfe: int) -> str:
@@ -230,9 +235,9 @@ def cache_name(name: str, scheduler, nfe: int) -> str:
 
 
 def scheduler_images(pipe: QACPipeline, scheduler, num_samples: int, nfe: int, seed: int) -> torch.Tensor:
-    """few_step_quality.py's samples of `sample_features` (seed 1000 + `seed`) with `scheduler` set on the pipeline."""
+    """few_step_quality.py's `sample_images` with `scheduler` set on the pipeline."""
     pipe.scheduler = scheduler
-    return few_step.generate(pipe, num_samples, nfe, seed=1000 + seed)
+    return few_step.sample_images(pipe, num_samples, nfe, seed)
 
 
 def teacher_error(pipe: QACPipeline) -> float:

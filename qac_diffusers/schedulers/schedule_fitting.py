@@ -68,9 +68,9 @@ FLOW_START_SHIFTS = (0.25, 0.5, 2.0)
 # "bounded" (the default): the coordinate descent by the smallest log step from the closest start (the fit for one
 # call fewer, stretched to one more point, among them), stopped after `bounded_descent_trials(nfe)` moved schedules
 # (stop 25: by the larger step first, 38 of the 42 moves a trace scored at NFE 4-10 failed and the budget ran out
-# before the smaller step; DESIGN.md section 11); "descent": the descent
-# from the closest formula start until no move improves, and a second one from the fit for one call fewer with a point
-# inserted (the full search, 3-4x the model calls).
+# before the smaller step; DESIGN.md section 11); "descent": the descent from the closest formula start until no move
+# improves, and a second one from the fit for one call fewer with a point inserted (the full search, 3-4x the model
+# calls).
 SEARCHES = ("bounded", "descent")
 DEFAULT_SEARCH = "bounded"
 # The bounded descent's moves times the NFE: a move re-runs the sampler from the moved point, up to NFE model calls,
