@@ -212,9 +212,14 @@ def generate(pipe: QACPipeline, num_samples: int, nfe: int, seed: int, batch_siz
     return torch.cat(batches)
 
 
+def sampling_seed(seed: int) -> int:
+    """The seed of the benchmark's samples of the model trained with `seed`: 1000 + `seed`."""
+    return 1000 + seed
+
+
 def sample_images(pipe, num_samples: int, nfe: int, seed: int) -> torch.Tensor:
-    """The `num_samples` samples at `nfe` of the model trained with `seed`, drawn with seed 1000 + `seed`."""
-    return generate(pipe, num_samples, nfe, seed=1000 + seed)
+    """The `num_samples` samples at `nfe` of the model trained with `seed`, drawn with `sampling_seed(seed)`."""
+    return generate(pipe, num_samples, nfe, seed=sampling_seed(seed))
 
 
 def sample_features(pipe, num_samples: int, nfe: int, seed: int, classifier) -> torch.Tensor:
@@ -223,7 +228,7 @@ def sample_features(pipe, num_samples: int, nfe: int, seed: int, classifier) -> 
 
 
 def sample_frechet_distance(pipe, num_samples: int, nfe: int, seed: int, classifier, heldout_features) -> float:
-    """FD of `num_samples` samples at `nfe`, drawn with seed 1000 + `seed`, to the held-out features."""
+    """FD of `num_samples` samples at `nfe`, drawn with `sampling_seed(seed)`, to the held-out features."""
     return frechet_distance(sample_features(pipe, num_samples, nfe, seed, classifier), heldout_features)
 
 

@@ -224,8 +224,8 @@ def trained_noise_encoder(model_dir: Path) -> NoiseEncoder | None:
 
 @torch.no_grad()
 def rk45_frechet_distance(pipe, args, seed: int, classifier, heldout_features) -> list[float]:
-    """[FD, mean NFE per solve] of `args.num_samples` RK45 samples, drawn with seed 1000 + `seed`."""
-    generator = torch.Generator().manual_seed(1000 + seed)
+    """[FD, mean NFE per solve] of `args.num_samples` RK45 samples, drawn with `few_step.sampling_seed(seed)`."""
+    generator = torch.Generator().manual_seed(few_step.sampling_seed(seed))
     batches, nfes = [], []
     for start in range(0, args.num_samples, args.rk45_batch_size):
         size = min(args.rk45_batch_size, args.num_samples - start)
