@@ -30,6 +30,7 @@ from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_VALIDATION_SAMPLES,
     SEARCHES,
     WARM_START_DESCENT_BUDGET,
+    check_bounded_budget,
     check_fit_nfe,
     check_sample_counts,
     fit_schedules,
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"one NFE fewer, stretched, among them), stopped after {BOUNDED_DESCENT_BUDGET} / NFE moves "
                         f"({WARM_START_DESCENT_BUDGET} after the warm start; the default); "
                         "descent: the full search from the formula starts, 3-4x the model calls.")
+    parser.add_argument("--bounded_budget", type=int, default=BOUNDED_DESCENT_BUDGET,
+                        help="The bounded search's moves times the NFE (40 / 52 of it after the warm start): more "
+                        "moves reach closer schedules for more model calls.")
     parser.add_argument("--num_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,
                         help="Noise draws the search compares candidates on.")
     parser.add_argument(
@@ -67,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:  # before the model loads, with the library's own checks (train_qac.py runs them too)
         check_fit_nfe(args.nfe, args.teacher_steps)
         check_sample_counts({"--num_samples": args.num_samples, "--validation_samples": args.validation_samples})
+        check_bounded_budget(args.bounded_budget, "--bounded_budget")
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     fit = fit_schedules(
         pipe, args.nfe, num_samples=args.num_samples, teacher_steps=args.teacher_steps,
         generator=torch.Generator().manual_seed(args.seed), search=args.search,
-        num_validation_samples=args.validation_samples,
+        num_validation_samples=args.validation_samples, bounded_budget=args.bounded_budget,
     )
     seconds = time.perf_counter() - started
     pipe.scheduler = fit.scheduler

@@ -78,6 +78,7 @@ DEFAULT_SEARCH = "bounded"
 # training in `make demo`). Where the fit one NFE below gives a warm start, scoring it is paid for with moves: 40 / NFE
 # (10 at NFE 4, 4 at NFE 10) costs as many model calls over NFE 4-10, and its fits were closer to the teacher on fresh
 # draws (README "Fitted schedules"). The first NFE of a fit, and Heun (odd NFE only), have no warm start.
+# `fit_schedules(bounded_budget=...)` sets the first, and the second in proportion (40 / 52 of it).
 BOUNDED_DESCENT_BUDGET = 52
 WARM_START_DESCENT_BUDGET = 40
 # Sampler states kept for runs that share their first points (each: the sample, up to 4 derivatives, a model output).
@@ -355,13 +356,23 @@ def check_search(search: str) -> None:
         raise ValueError(f"The search must be one of {', '.join(map(repr, SEARCHES))}, got {search!r}.")
 
 
+def check_bounded_budget(bounded_budget: int, name: str = "bounded_budget") -> None:
+    """Refuse a budget of moves for the bounded search that is not an integer >= 1 (`name`: the option's name)."""
+    if not isinstance(bounded_budget, int) or isinstance(bounded_budget, bool) or bounded_budget < 1:
+        raise ValueError(
+            f"`{name}` (the bounded search's moves times the NFE) must be an integer >= 1, got {bounded_budget!r}."
+        )
+
+
 def _check_fit_inputs(
-    pipeline, num_inference_steps: Sequence[int], teacher_steps: int, sample_counts: dict, search: str
+    pipeline, num_inference_steps: Sequence[int], teacher_steps: int, sample_counts: dict, search: str,
+    bounded_budget: int,
 ) -> None:
     fitted_scheduler_class(pipeline.scheduler)
     check_fit_nfe(num_inference_steps, teacher_steps)
     check_sample_counts(sample_counts)
     check_search(search)
+    check_bounded_budget(bounded_budget)
 
 
 def coordinate_descent(
@@ -458,27 +469,31 @@ def _fit_one(distance, starts: list[list[float]], below: list[float] | None, log
     return fitted
 
 
-def bounded_descent_trials(num_inference_steps: int, warm_start: bool = False) -> int:
+def bounded_descent_trials(
+    num_inference_steps: int, warm_start: bool = False, bounded_budget: int = BOUNDED_DESCENT_BUDGET
+) -> int:
     """
-    The moved schedules the bounded search scores at `num_inference_steps` calls: `BOUNDED_DESCENT_BUDGET` / NFE, or
-    `WARM_START_DESCENT_BUDGET` / NFE where a `warm_start` was scored among the starts.
+    The moved schedules the bounded search scores at `num_inference_steps` calls: `bounded_budget` / NFE, or, where a
+    `warm_start` was scored among the starts, `bounded_budget` times `WARM_START_DESCENT_BUDGET` /
+    `BOUNDED_DESCENT_BUDGET` (40 / 52) / NFE; at least one.
     """
-    budget = WARM_START_DESCENT_BUDGET if warm_start else BOUNDED_DESCENT_BUDGET
-    return max(1, round(budget / num_inference_steps))
+    moves = bounded_budget * WARM_START_DESCENT_BUDGET / BOUNDED_DESCENT_BUDGET if warm_start else bounded_budget
+    return max(1, round(moves / num_inference_steps))
 
 
 def _fit_nfe(distance, starts: list[list[float]], below: list[float] | None, search: str,
-             log_steps: Sequence[float], num_inference_steps: int) -> tuple[list[float], float]:
+             log_steps: Sequence[float], num_inference_steps: int,
+             bounded_budget: int = BOUNDED_DESCENT_BUDGET) -> tuple[list[float], float]:
     """
     The schedule fitted for `num_inference_steps` calls by `search`: with "descent" [`_fit_one`]'s (`below`: the fit
     for one call fewer, or `None`); with "bounded" the descent by the smallest of `log_steps` from the closest of
     `starts` and of `below` stretched to one more point ([`_stretched`], the warm start), scoring at most
-    [`bounded_descent_trials`] moves (fewer after a warm start).
+    [`bounded_descent_trials`] moves for `bounded_budget` (fewer after a warm start).
     """
     if search == "bounded":
         warm_start = _stretched(below) if below is not None else None
         starts = starts if warm_start is None else [*starts, warm_start]
-        trials = bounded_descent_trials(num_inference_steps, warm_start is not None)
+        trials = bounded_descent_trials(num_inference_steps, warm_start is not None, bounded_budget)
         return _fit_one(distance, starts, None, log_steps[-1:], trials)
     return _fit_one(distance, starts, below, log_steps)
 
@@ -547,6 +562,7 @@ def search_schedules(
     search: str = DEFAULT_SEARCH,
     log_steps: Sequence[float] = DEFAULT_LOG_STEPS,
     progress_bar: bool = True,
+    bounded_budget: int = BOUNDED_DESCENT_BUDGET,
 ) -> tuple[dict[int, list[float]], dict[int, float], dict[int, float]]:
     """
     The search of [`fit_schedules`] on any criterion: for each NFE of `num_inference_steps`, smallest first, the
@@ -571,6 +587,8 @@ def search_schedules(
             The descent's steps in log sigma, largest first; the bounded search moves by the last only.
         progress_bar (`bool`, defaults to `True`):
             Show one bar step per NFE.
+        bounded_budget (`int`, defaults to 52):
+            The bounded search's moves times the NFE, as in [`fit_schedules`].
 
     Returns:
         `tuple` `(schedules, formula_distances, fitted_distances)`, each by NFE: the schedules found (search
@@ -578,13 +596,15 @@ def search_schedules(
     """
     check_fit_nfe(num_inference_steps, teacher_steps=None)
     check_search(search)
+    check_bounded_budget(bounded_budget)
     schedules, formula_distances, fitted_distances = {}, {}, {}
     bar = tqdm(sorted(num_inference_steps), desc="Fitting schedules", disable=not progress_bar)
     for nfe in bar:
         starts = search_starts(nfe)
         formula_distances[nfe] = distance(starts[0])
         below = schedules.get(nfe - 1)  # the fit for one call fewer
-        schedules[nfe], fitted_distances[nfe] = _fit_nfe(distance, starts, below, search, log_steps, nfe)
+        schedules[nfe], fitted_distances[nfe] = _fit_nfe(distance, starts, below, search, log_steps, nfe,
+                                                         bounded_budget)
         bar.set_postfix(nfe=nfe, formula=f"{formula_distances[nfe]:.3g}", fitted=f"{fitted_distances[nfe]:.3g}")
     return schedules, formula_distances, fitted_distances
 
@@ -601,6 +621,7 @@ def fit_schedules(
     validate: bool = True,
     num_validation_samples: int = DEFAULT_VALIDATION_SAMPLES,
     progress_bar: bool = True,
+    bounded_budget: int = BOUNDED_DESCENT_BUDGET,
 ) -> ScheduleFitOutput:
     """
     Fit the schedule of the pipeline's sampler to its trained model, for each NFE in `num_inference_steps` (see the
@@ -621,7 +642,8 @@ def fit_schedules(
     put on our digits baseline at NFE 5 and 6). With `search="bounded"` (the default) each NFE runs one descent, by
     the smallest of `log_steps` only, from the closest of the starts and, when the NFE one below is fitted in the same
     call, of its schedule stretched to one more point (the warm start), and stops it after
-    [`bounded_descent_trials`] moved schedules (17 at NFE 3; after a warm start 10 at NFE 4, 4 at NFE 10).
+    [`bounded_descent_trials`] moved schedules (`bounded_budget` / NFE, 17 at NFE 3 by default; after a warm start
+    40 / 52 of that, 10 at NFE 4, 4 at NFE 10).
     Then, with `validate`, [`validate_schedules`] scores every fitted schedule and the formula again on
     `num_validation_samples` fresh draws of `generator`, and the scheduler keeps only the fitted schedules that are
     closer there: a schedule that won on the search's draws by their chance alone goes back to the formula.
@@ -644,17 +666,22 @@ def fit_schedules(
             fresh noise draws too.
         num_validation_samples (`int`, defaults to 128): The fresh noise draws of the validation.
         progress_bar (`bool`, defaults to `True`): Show one bar step per NFE.
+        bounded_budget (`int`, defaults to 52): The bounded search's moves times the NFE (40 / 52 of it after a warm
+            start). More moves cost more model calls and reach closer schedules: on our six digits models twice the
+            default (104) left no rise of the FD from one NFE to the next beyond its sampling noise, where the
+            default left one, for 1.15-1.2x the fit's images (benchmarks/bounded_search_budget.py).
 
     Returns:
         [`ScheduleFitOutput`]: the scheduler to set on the pipeline, with the distances before and after.
     """
     _check_fit_inputs(
         pipeline, num_inference_steps, teacher_steps,
-        {"num_samples": num_samples, "num_validation_samples": num_validation_samples}, search,
+        {"num_samples": num_samples, "num_validation_samples": num_validation_samples}, search, bounded_budget,
     )
     distance = ScheduleDistance(pipeline, num_samples, teacher_steps, generator)
     searched, formula_distances, fitted_distances = search_schedules(
-        distance.search_distance, distance.search_starts, num_inference_steps, search, log_steps, progress_bar
+        distance.search_distance, distance.search_starts, num_inference_steps, search, log_steps, progress_bar,
+        bounded_budget,
     )
     fitted = [distance.from_search(searched[nfe]) for nfe in sorted(searched)]
     validation, num_validation_model_calls = ({}, {}), 0

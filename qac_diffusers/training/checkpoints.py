@@ -41,7 +41,7 @@ CHANGEABLE_ON_RESUME = frozenset({
     "output_dir", "logging_dir", "report_to", "cache_dir", "dataloader_num_workers", "model_config", "max_train_steps",
     "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "num_validation_images", "validation_nfe",
     "logging_steps", "channels_last", "torch_compile", "resume_from_checkpoint", "overwrite_output_dir", "dry_run",
-    "push_to_hub", "fit_schedule_nfe", "fit_schedule_search", "fit_schedule_samples",
+    "push_to_hub", "fit_schedule_nfe", "fit_schedule_search", "fit_schedule_bounded_budget", "fit_schedule_samples",
     "fit_schedule_validation_samples",
 })
 # What the failure of a write looks like: OSError (no space left on device), torch.save's RuntimeError

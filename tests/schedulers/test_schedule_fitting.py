@@ -19,6 +19,7 @@ from qac_diffusers.schedulers import (
     solver_from_config,
 )
 from qac_diffusers.schedulers.schedule_fitting import (
+    BOUNDED_DESCENT_BUDGET,
     DEFAULT_LOG_STEPS,
     FLOW_START_SHIFTS,
     SEARCHES,
@@ -321,6 +322,8 @@ def test_scheduler_refuses_bad_fitted_schedules(fitted_sigmas, message):
         ({"num_inference_steps": [3], "num_samples": 1}, "`num_samples` must be an integer >= 2"),
         ({"num_inference_steps": [3], "num_validation_samples": 1.5}, "`num_validation_samples` must be an integer"),
         ({"num_inference_steps": [3], "search": "grid"}, "must be one of 'bounded', 'descent', got 'grid'"),
+        ({"num_inference_steps": [3], "bounded_budget": 0}, "`bounded_budget` .* must be an integer >= 1, got 0"),
+        ({"num_inference_steps": [3], "bounded_budget": 52.0}, "`bounded_budget` .* must be an integer >= 1"),
     ],
 )
 def test_fit_refuses_bad_input(kwargs, message):
@@ -369,7 +372,9 @@ def test_fit_schedule_script_writes_the_model_folders_scheduler(fitted, tmp_path
         script.main(["--model", "user/not-a-folder"])
     # bad NFE and draw counts are refused before the model loads, with the library's messages
     for flags, message in ((["--nfe", "3", "70"], "must exceed the largest NFE fitted (70)"),
-                           (["--num_samples", "1"], "`--num_samples` must be an integer >= 2")):
+                           (["--num_samples", "1"], "`--num_samples` must be an integer >= 2"),
+                           (["--bounded_budget", "0"], "`--bounded_budget` (the bounded search's moves times the NFE) "
+                                                       "must be an integer >= 1, got 0")):
         with pytest.raises(SystemExit):
             script.main(["--model", str(tmp_path / "no-such-model"), *flags])
         assert message in capsys.readouterr().err
@@ -469,6 +474,10 @@ def test_bounded_descent_gives_the_low_nfe_more_moves():
     nfes = (1, 3, 4, 5, 8, 10, 52, 200)
     assert [bounded_descent_trials(nfe) for nfe in nfes] == [52, 17, 13, 10, 6, 5, 1, 1]
     assert [bounded_descent_trials(nfe, warm_start=True) for nfe in nfes] == [40, 13, 10, 8, 5, 4, 1, 1]
+    # a budget twice the default: twice the moves, after a warm start 40 / 52 of them (80 / NFE), still at least one
+    assert [bounded_descent_trials(nfe, False, 104) for nfe in nfes] == [104, 35, 26, 21, 13, 10, 2, 1]
+    assert [bounded_descent_trials(nfe, True, 104) for nfe in nfes] == [80, 27, 20, 16, 10, 8, 2, 1]
+    assert [bounded_descent_trials(nfe, True, 1) for nfe in nfes] == [1] * len(nfes)
 
 
 def test_stretched_schedule_reads_the_log_sigmas_at_one_more_point():
@@ -531,16 +540,19 @@ def test_search_schedules_fits_each_nfe_from_the_fit_one_call_fewer():
 
 
 @pytest.mark.parametrize(
-    "make_pipeline, nfes, settings, fit_improves",
-    [(make_tiny_pipeline, FIT_NFES, FIT_SETTINGS, True),
-     (make_rf_pipeline, [3, 4], {"num_samples": 6, "teacher_steps": 6}, False)],  # its uniform grid is kept at NFE 3
-    ids=["edm", "rectified_flow"],
+    "make_pipeline, nfes, settings, fit_improves, bounded_budget",
+    [(make_tiny_pipeline, FIT_NFES, FIT_SETTINGS, True, BOUNDED_DESCENT_BUDGET),
+     (make_tiny_pipeline, FIT_NFES, FIT_SETTINGS, True, 2),
+     # its uniform grid is kept at NFE 3
+     (make_rf_pipeline, [3, 4], {"num_samples": 6, "teacher_steps": 6}, False, BOUNDED_DESCENT_BUDGET)],
+    ids=["edm", "edm_small_budget", "rectified_flow"],
 )
 def test_bounded_search_on_a_pipeline_descends_from_the_closest_start_within_its_trials(
-    make_pipeline, nfes, settings, fit_improves
+    make_pipeline, nfes, settings, fit_improves, bounded_budget
 ):
     pipe = make_pipeline()
-    output = fit_schedules(pipe, nfes, **settings, generator=seeded(0), validate=False, progress_bar=False)
+    output = fit_schedules(pipe, nfes, **settings, generator=seeded(0), validate=False, progress_bar=False,
+                           bounded_budget=bounded_budget)
     # the same steps on a distance with the same draws, in the search's coordinates (rectified flow's t = 1 and t = 0
     # are infinity and 0 there): the formula scored first, then the bounded descent from the closest start (from the
     # second NFE on, the fit one below stretched among them, a valid schedule) by the smallest log step only; the same
@@ -555,15 +567,17 @@ def test_bounded_search_on_a_pipeline_descends_from_the_closest_start_within_its
             assert len(start) == len(distance.formula_sigmas(nfe)) and all(a > b for a, b in zip(start, start[1:]))
         assert output.formula_distances[nfe] == distance.search_distance(starts[0])
         closest, _ = closest_start(distance.search_distance, starts)
-        sigmas, best = coordinate_descent(
-            distance.search_distance, closest, DEFAULT_LOG_STEPS[-1:], bounded_descent_trials(nfe, warm_start)
-        )
+        trials = bounded_descent_trials(nfe, warm_start, bounded_budget)
+        sigmas, best = coordinate_descent(distance.search_distance, closest, DEFAULT_LOG_STEPS[-1:], trials)
         assert (distance.from_search(sigmas), best) == (fitted, output.fitted_distances[nfe])
         assert output.fitted_distances[nfe] < output.formula_distances[nfe] or (
             not fit_improves and output.fitted_distances[nfe] == output.formula_distances[nfe]
         )
         below = sigmas
     assert output.num_model_calls == distance.num_model_calls
+    if bounded_budget != BOUNDED_DESCENT_BUDGET:  # the small budget stopped the descents early: fewer calls
+        default = fit_schedules(pipe, nfes, **settings, generator=seeded(0), validate=False, progress_bar=False)
+        assert output.num_model_calls < default.num_model_calls
 
 
 def test_flow_distance_runs_the_pipelines_euler_and_a_heun_teacher():

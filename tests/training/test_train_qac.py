@@ -69,6 +69,7 @@ def sample(folder, seed: int = 0) -> torch.Tensor:
         (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1"),
         (["--fit_schedule_samples", "1"], "`--fit_schedule_samples` must be an integer >= 2"),
         (["--fit_schedule_validation_samples", "1"], "`--fit_schedule_validation_samples` must be an integer >= 2"),
+        (["--fit_schedule_bounded_budget", "0"], "`--fit_schedule_bounded_budget` .* must be an integer >= 1"),
         (["--fit_schedule_nfe", "0", "3"], "NFE to fit must be a non-empty list of integers >= 1"),
         (["--fit_schedule_nfe", "64"], "must exceed the largest NFE fitted"),
         (["--hub_model_id", "me/model"], "need --push_to_hub"),
@@ -325,11 +326,12 @@ def test_fits_the_sampling_schedules_after_training(tmp_path, monkeypatch, capsy
              "--fit_schedule_validation_samples", "12"]
     searches, fit_schedules = [], train_qac.fit_schedules
     with monkeypatch.context() as patch:  # train_qac.py's default search: the bounded descent
-        patch.setattr(train_qac, "fit_schedules", lambda *args, **kwargs: searches.append(kwargs["search"])
-                      or fit_schedules(*args, **kwargs))
+        patch.setattr(train_qac, "fit_schedules", lambda *args, **kwargs: searches.append(
+            (kwargs["search"], kwargs["bounded_budget"])) or fit_schedules(*args, **kwargs))
         train(tmp_path, *flags)
     fit = json.loads((tmp_path / "training_summary.json").read_text())["schedule_fit"]
-    assert searches == ["bounded"] and fit["settings"]["search"] == "bounded"
+    assert searches == [("bounded", 52)]  # with the library's budget of moves
+    assert fit["settings"]["search"] == "bounded" and fit["settings"]["bounded_budget"] == 52
     assert 0 < fit["seconds"] and 0 < fit["training_seconds"]
     assert all(fit["fitted_distances"][nfe] <= fit["formula_distances"][nfe] for nfe in ("1", "2"))
     kept = [nfe for nfe in (1, 2)
@@ -350,7 +352,8 @@ def test_fits_the_sampling_schedules_after_training(tmp_path, monkeypatch, capsy
     assert json.loads((tmp_path / "training_summary.json").read_text())["schedule_fit"] == fit
     assert QACPipeline.from_pretrained(tmp_path).scheduler.config.fitted_sigmas == pipe.scheduler.config.fitted_sigmas
     # other fit settings fit again
-    for other in (["--fit_schedule_search", "descent"], [*flags[-2:-1], "13"]):
+    for other in (["--fit_schedule_search", "descent"], ["--fit_schedule_bounded_budget", "104"],
+                  [*flags[-2:-1], "13"]):
         with monkeypatch.context() as patch, pytest.raises(AssertionError, match="fitted again"):
             patch.setattr(train_qac, "fit_schedules", refuse)
             train(tmp_path, *flags, *other, "--resume_from_checkpoint", "latest")
