@@ -98,22 +98,21 @@ def parse_args() -> argparse.Namespace:
 
 
 def fitted_scheduler(model_dir: Path, pipe: QACPipeline, seed: int, name: str = FIT_FOLDERS[FITTED], nfe=None,
-                     kind: str = FITTED):
+                     settings: dict | None = None):
     """
     The pipeline's scheduler fitted to the model (iPNDM; Euler or Heun for rectified flow) at `nfe` (the library's
-    default NFE when `None`) with `FIT_SETTINGS[kind]` and otherwise the library's defaults: fitted once and kept in
-    model_dir/`name`.
+    default NFE when `None`) with `settings` (`fit_schedules` arguments, among them `num_validation_samples`; by
+    default `FIT_SETTINGS[FITTED]`) and otherwise the library's defaults: fitted once and kept in model_dir/`name`.
     """
+    settings = settings or FIT_SETTINGS[FITTED]
     folder = model_dir / name
     if not (folder / "scheduler_config.json").is_file():
         started = time.perf_counter()
-        fit = fit_schedules(
-            pipe, nfe or DEFAULT_FIT_NFE, generator=torch.Generator().manual_seed(seed), **FIT_SETTINGS[kind]
-        )
+        fit = fit_schedules(pipe, nfe or DEFAULT_FIT_NFE, generator=torch.Generator().manual_seed(seed), **settings)
         seconds = time.perf_counter() - started
         facts = {"seconds": seconds, "num_model_calls": fit.num_model_calls,
                  "num_validation_model_calls": fit.num_validation_model_calls,
-                 "images_denoised": images_denoised(fit, FIT_SETTINGS[kind]["num_validation_samples"]),
+                 "images_denoised": images_denoised(fit, settings["num_validation_samples"]),
                  "formula_distances": fit.formula_distances, "fitted_distances": fit.fitted_distances,
                  "validation_formula_distances": fit.validation_formula_distances,
                  "validation_fitted_distances": fit.validation_fitted_distances}
@@ -146,7 +145,8 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
     samplers[FITTED] = (fitted_scheduler(model_dir, pipe, seed), args.nfe)
     results = measure_samplers(args, model_dir, pipe, seed, samplers, FITTED, classifier, heldout_features)
     pipe.scheduler = karras
-    bounded = {BOUNDED: (fitted_scheduler(model_dir, pipe, seed, FIT_FOLDERS[BOUNDED], kind=BOUNDED), args.nfe)}
+    bounded_fit = fitted_scheduler(model_dir, pipe, seed, FIT_FOLDERS[BOUNDED], settings=FIT_SETTINGS[BOUNDED])
+    bounded = {BOUNDED: (bounded_fit, args.nfe)}
     results["bounded"] = measure_samplers(
         args, model_dir, pipe, seed, bounded, BOUNDED, classifier, heldout_features, FIT_FOLDERS[BOUNDED]
     )

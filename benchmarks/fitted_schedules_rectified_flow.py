@@ -96,7 +96,9 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
     )
     pipe.scheduler = samplers["euler"][0]
     folder = fitted_schedules.FIT_FOLDERS[fitted_schedules.BOUNDED]
-    bounded = fitted_schedules.fitted_scheduler(model_dir, pipe, seed, folder, kind=fitted_schedules.BOUNDED)
+    bounded = fitted_schedules.fitted_scheduler(
+        model_dir, pipe, seed, folder, settings=fitted_schedules.FIT_SETTINGS[fitted_schedules.BOUNDED]
+    )
     bounded = {BOUNDED: (bounded, args.nfe)}
     results["bounded"] = fitted_schedules.measure_samplers(
         args, model_dir, pipe, seed, bounded, BOUNDED, classifier, heldout_features, folder
