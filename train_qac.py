@@ -202,8 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     logs.add_argument(
         "--fit_schedule_bounded_budget", type=int, default=BOUNDED_DESCENT_BUDGET,
-        help="The bounded search's moves times the NFE (after the warm start 40 / 52 of it): more moves reach closer "
-        "schedules for more model calls (twice the default: 1.15-1.2x the fit's images; README, Fitted schedules).",
+        help="The bounded search's moves times the NFE (after the warm start 40 / 52 of it): more moves let the "
+        "descent go further, for more model calls (twice the default: 1.15-1.2x the fit's images; README, Fitted "
+        "schedules).",
     )
     logs.add_argument(
         "--fit_schedule_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "descent: the full search from the formula starts, 3-4x the model calls.")
     parser.add_argument("--bounded_budget", type=int, default=BOUNDED_DESCENT_BUDGET,
                         help="The bounded search's moves times the NFE (40 / 52 of it after the warm start): more "
-                        "moves reach closer schedules for more model calls.")
+                        "moves let the descent go further, for more model calls.")
     parser.add_argument("--num_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,
                         help="Noise draws the search compares candidates on.")
     parser.add_argument(

@@ -667,9 +667,10 @@ def fit_schedules(
         num_validation_samples (`int`, defaults to 128): The fresh noise draws of the validation.
         progress_bar (`bool`, defaults to `True`): Show one bar step per NFE.
         bounded_budget (`int`, defaults to 52): The bounded search's moves times the NFE (40 / 52 of it after a warm
-            start). More moves cost more model calls and reach closer schedules: on our six digits models twice the
-            default (104) left no rise of the FD from one NFE to the next beyond its sampling noise, where the
-            default left one, for 1.15-1.2x the fit's images (benchmarks/bounded_search_budget.py).
+            start). More moves cost more model calls and let the descent go further: on our six digits models
+            twice the default (104) left no rise of the FD from one NFE to the next beyond its sampling noise on the
+            benchmark's draws (one on a second sampling seed), where the default left one (two), for 1.15-1.2x the
+            fit's images (benchmarks/bounded_search_budget.py).
 
     Returns:
         [`ScheduleFitOutput`]: the scheduler to set on the pipeline, with the distances before and after.
