@@ -1,6 +1,7 @@
 """Fitted schedules on exact denoisers (no training noise): iPNDM on fitted vs Karras schedules.
 
     python benchmarks/fitted_schedules_exact_denoiser.py                 # a few minutes on 1 core
+    python benchmarks/fitted_schedules_exact_denoiser.py --bounded_budget 104   # twice the bounded search's moves
 
 The flows of benchmarks/solvers_exact_denoiser.py: the 1,797 digits smoothed with a Gaussian of bandwidth tau, with
 their closed-form EDM denoiser, unconditional and class-conditional. For each flow and NFE, the iPNDM schedule (with
@@ -15,7 +16,8 @@ per sample, which a schedule fitted to the distribution need not lower, and the 
 the converged ones, which it should. diffusers' solvers are not fitted:
 `EDMDPMSolverMultistepScheduler.set_timesteps` takes no schedule in diffusers 0.42.1.
 
-Writes benchmarks/results/fitted_schedules_exact_denoiser.{md,json}.
+Writes benchmarks/results/fitted_schedules_exact_denoiser.{md,json} (with another `--bounded_budget` N:
+fitted_schedules_exact_denoiser_budget_N.{md,json}).
 """
 
 import argparse
@@ -57,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--taus", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--nfe", type=int, nargs="+", default=list(range(3, 11)))
     parser.add_argument("--fit_samples", type=int, default=DEFAULT_SEARCH_SAMPLES)
+    parser.add_argument("--bounded_budget", type=int, default=BOUNDED_DESCENT_BUDGET,
+                        help="The bounded search's moves times the NFE (`fit_schedules(bounded_budget=...)`).")
     parser.add_argument("--eval_samples", type=int, default=1024)
     parser.add_argument("--reference_steps", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -112,7 +116,8 @@ def main() -> None:
             validation_flow = Flow(*common, DEFAULT_VALIDATION_SAMPLES, generator, args.reference_steps)
             rows = results.setdefault(f"tau {tau:g} {kind}", {})
             search_starts = functools.partial(karras_starts, IPNDMScheduler(**EDM))
-            fits = {search: search_schedules(fit_flow.distance, search_starts, args.nfe, search, progress_bar=False)[0]
+            fits = {search: search_schedules(fit_flow.distance, search_starts, args.nfe, search, progress_bar=False,
+                                             bounded_budget=args.bounded_budget)[0]
                     for search in ("descent", "bounded")}  # each search's fits, NFE after NFE as fit_schedules fits
             for nfe in sorted(args.nfe):
                 karras, fitted, bounded = search_starts(nfe)[0], fits["descent"][nfe], fits["bounded"][nfe]
@@ -130,15 +135,17 @@ def main() -> None:
                     f"{name} rms {rows[nfe][name]['rms']:.4f} FD {rows[nfe][name]['frechet']:.4f}"
                     for name in ("karras", "fitted", "bounded")
                 ) + f", kept {kept}", flush=True)
+    budget_flag = "" if args.bounded_budget == BOUNDED_DESCENT_BUDGET else f" --bounded_budget {args.bounded_budget}"
+    warm_start_budget = args.bounded_budget * WARM_START_DESCENT_BUDGET / BOUNDED_DESCENT_BUDGET
     lines = [
         "# Fitted schedules on exact denoisers: iPNDM (AFS, fixed weights) on fitted vs Karras schedules", "",
-        "Command: `python benchmarks/fitted_schedules_exact_denoiser.py` "
+        f"Command: `python benchmarks/fitted_schedules_exact_denoiser.py{budget_flag}` "
         f"(took {time.perf_counter() - started:.0f} s). Fitted on {args.fit_samples} noise draws and kept where it is "
         f"closer than Karras on {DEFAULT_VALIDATION_SAMPLES} fresh ones too (as `fit_schedules` validates; "
         "elsewhere the row repeats Karras; 'fitted': `search=\"descent\"`, the full search; 'bounded': the default "
         "search, the descent from the closest start (the fit for one NFE fewer stretched to one more point among "
-        f"them) by log step {DEFAULT_LOG_STEPS[-1]}, stopped after {BOUNDED_DESCENT_BUDGET} / NFE moves "
-        f"({WARM_START_DESCENT_BUDGET} after the warm start)), "
+        f"them) by log step {DEFAULT_LOG_STEPS[-1]}, stopped after {args.bounded_budget} / NFE moves "
+        f"({warm_start_budget:g} after the warm start)), "
         "evaluated on "
         f"{args.eval_samples} others against the converged solution of the same ODE at sigma_min. RMS: per-sample "
         "error; FD: Frechet distance of the pixels (clamped to [-1, 1]) to the converged samples. Lower is better.",
@@ -154,8 +161,10 @@ def main() -> None:
         lines.append("")
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "fitted_schedules_exact_denoiser.md").write_text("\n".join(lines))
-    (results_dir / "fitted_schedules_exact_denoiser.json").write_text(
+    suffix = "" if args.bounded_budget == BOUNDED_DESCENT_BUDGET else f"_budget_{args.bounded_budget}"
+    stem = results_dir / f"fitted_schedules_exact_denoiser{suffix}"
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    stem.with_suffix(".json").write_text(
         json.dumps({"args": vars(args), "results": results}, indent=1)
     )
     print("\n".join(lines))
