@@ -33,19 +33,11 @@ from qac_diffusers.schedulers.schedule_fitting import BOUNDED_DESCENT_BUDGET, DE
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = fs.measurement_parser(__doc__)
     parser.add_argument("--budgets", type=int, nargs="+",
                         default=[BOUNDED_DESCENT_BUDGET, 3 * BOUNDED_DESCENT_BUDGET // 2, 2 * BOUNDED_DESCENT_BUDGET])
     parser.add_argument("--models", nargs="+", choices=["qac", "baseline"], default=["qac", "baseline"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--nfe", type=int, nargs="+", default=list(range(3, 11)))
-    parser.add_argument("--resample_seeds", type=int, default=1, help="Extra sampling seeds for the FD's own noise.")
-    parser.add_argument("--num_samples", type=int, default=2000)
-    parser.add_argument("--work_dir", default=str(few_step.REPO_ROOT / "benchmarks" / "work"))
-    parser.add_argument("--results_dir", default=str(few_step.REPO_ROOT / "benchmarks" / "results"))
-    # few_step_quality.py's settings (data, preset, steps) for the digits models this benchmark reuses or trains
-    training = vars(few_step.build_parser().parse_args([]))
-    return argparse.Namespace(**{**training, **vars(parser.parse_args())})
+    return fs.parse_over_training_settings(parser)
 
 
 def budget_fit(budget: int) -> tuple[str, dict]:

@@ -82,17 +82,29 @@ CONTRAST_SCALES = (0.98, 0.99, 1.01, 1.02, 1.03, 1.05)
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--nfe", type=int, nargs="+", default=list(range(3, 11)))
+    parser = measurement_parser(__doc__)
     parser.add_argument("--moonshot_factor", type=int, default=5, help="Baseline on Karras at this times the NFE.")
     parser.add_argument("--moonshot_nfe", type=int, nargs="+", default=[3, 4, 5, 6, 10])
+    return parse_over_training_settings(parser)
+
+
+def measurement_parser(description: str) -> argparse.ArgumentParser:
+    """The options of this benchmark's measurements (benchmarks/bounded_search_budget.py's too)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--nfe", type=int, nargs="+", default=list(range(3, 11)))
     parser.add_argument("--resample_seeds", type=int, default=1, help="Extra sampling seeds for the FD's own noise.")
     parser.add_argument("--num_samples", type=int, default=2000)
     parser.add_argument("--work_dir", default=str(few_step.REPO_ROOT / "benchmarks" / "work"))
     parser.add_argument("--results_dir", default=str(few_step.REPO_ROOT / "benchmarks" / "results"))
-    # few_step_quality.py's settings (data, preset, steps, checkpoints) for the digits models this benchmark reuses
-    # or trains, with this benchmark's own options over them
+    return parser
+
+
+def parse_over_training_settings(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """
+    The command line's options over few_step_quality.py's settings (data, preset, steps, checkpoints) for the digits
+    models the benchmark reuses or trains.
+    """
     training = vars(few_step.build_parser().parse_args([]))
     return argparse.Namespace(**{**training, **vars(parser.parse_args())})
 
