@@ -4,10 +4,11 @@ On the six digits models of benchmarks/few_step_quality.py (QAC and the baseline
 the validation, on the same 64 search draws (seed 0), by:
 
 - "stop 23": the descent from the closest of Karras and Karras after a first step to 80 / 4, 8, 16, 32, by log steps
-  0.5 then 0.2 (`DEFAULT_LOG_STEPS`), stopped after `BOUNDED_DESCENT_BUDGET` / NFE moves (52);
+  0.5 then 0.2 (`DEFAULT_LOG_STEPS`), stopped after 52 / NFE moves (`STOPS_23_TO_25_BUDGET`);
 - "stop 24": the same with the warm start, the fit for one NFE fewer stretched to one more point among the starts,
-  stopped after `WARM_START_DESCENT_BUDGET` / NFE moves (40) where it has one (not at the first NFE);
-- "stop 25": `fit_schedules`' default search since stop 25, stop 24's by the smallest log step (0.2) only;
+  stopped after 40 / NFE moves where it has one (not at the first NFE);
+- "stop 25": `fit_schedules`' default search since stop 25, stop 24's by the smallest log step (0.2) only, at the
+  same budget of moves;
 
 and score every fitted schedule and Karras on 1,024 fresh draws (seed 4242): the fit's criterion (pixel Frechet
 distance to the teacher's samples from the same noise and codes), out of sample.
@@ -44,6 +45,9 @@ from qac_diffusers.schedulers.schedule_fitting import (
 NFES = list(range(3, 11))
 SEARCH_SEED, SCORE_SEED, SCORE_SAMPLES = 0, 4242, 1024
 SEARCHES = ("stop 23", "stop 24", "stop 25", "Karras")
+# The bounded search's budget of moves at stops 23-25 (`fit_schedules(bounded_budget=...)`), kept here should the
+# library's default change.
+STOPS_23_TO_25_BUDGET = 52
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,7 +72,7 @@ def earlier_fit(pipe: QACPipeline, warm_start: bool) -> tuple[list[list[float]],
         distance.search_distance(starts[0])  # the formula first, as fit_schedules scores it
         stretched = _stretched(below) if warm_start and below is not None else None
         starts = starts if stretched is None else [*starts, stretched]
-        trials = bounded_descent_trials(nfe, stretched is not None)
+        trials = bounded_descent_trials(nfe, stretched is not None, STOPS_23_TO_25_BUDGET)
         below, _ = _fit_one(distance.search_distance, starts, None, DEFAULT_LOG_STEPS, trials)
         fitted.append(distance.from_search(below))
     return fitted, distance.num_model_calls
@@ -78,7 +82,7 @@ def fit(pipe: QACPipeline, search: str, score: ScheduleDistance) -> tuple[list[l
     """The schedules of `search` (one of `SEARCHES`) for `NFES`, and the model calls of its search."""
     if search == "stop 25":
         output = fit_schedules(pipe, NFES, generator=torch.Generator().manual_seed(SEARCH_SEED), validate=False,
-                               progress_bar=False)
+                               progress_bar=False, bounded_budget=STOPS_23_TO_25_BUDGET)
         return output.scheduler.config.fitted_sigmas, output.num_model_calls
     if search == "Karras":
         return [score.formula_sigmas(nfe) for nfe in NFES], 0
@@ -105,10 +109,11 @@ def markdown(results: dict) -> str:
              "Command: `python benchmarks/bounded_search_warm_start.py --work_dir benchmarks/work` (see its header). "
              f"Pixel FD to the teacher on {SCORE_SAMPLES} fresh draws (the fit's criterion, out of sample; lower is "
              f"better). Model calls: the search's, its {DEFAULT_TEACHER_STEPS}-call teacher included, on "
-             f"{DEFAULT_SEARCH_SAMPLES} images each. \"stop 23\": {BOUNDED_DESCENT_BUDGET} / NFE moves by log steps "
+             f"{DEFAULT_SEARCH_SAMPLES} images each. \"stop 23\": {STOPS_23_TO_25_BUDGET} / NFE moves by log steps "
              f"{' then '.join(map(str, DEFAULT_LOG_STEPS))}, without the warm start; \"stop 24\": the same with the "
-             f"warm start and {WARM_START_DESCENT_BUDGET} / NFE moves after it (none at NFE 3); \"stop 25\": the "
-             f"default since stop 25, stop 24's by log step {DEFAULT_LOG_STEPS[-1]} only.", "",
+             f"warm start and {STOPS_23_TO_25_BUDGET * WARM_START_DESCENT_BUDGET / BOUNDED_DESCENT_BUDGET:g} / NFE "
+             f"moves after it (none at NFE 3); \"stop 25\": the default since stop 25, stop 24's by log step "
+             f"{DEFAULT_LOG_STEPS[-1]} only.", "",
              "| model | search | model calls | " + " | ".join(f"NFE {nfe}" for nfe in NFES) + " |",
              "|---" * (len(NFES) + 3) + "|"]
     for model, fits in results.items():
