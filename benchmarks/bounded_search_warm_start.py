@@ -29,16 +29,15 @@ import torch
 
 from qac_diffusers import QACPipeline
 from qac_diffusers.schedulers.schedule_fitting import (
-    BOUNDED_DESCENT_BUDGET,
     DEFAULT_LOG_STEPS,
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_TEACHER_STEPS,
-    WARM_START_DESCENT_BUDGET,
     ScheduleDistance,
     _fit_one,
     _stretched,
     bounded_descent_trials,
     fit_schedules,
+    warm_start_budget,
 )
 
 
@@ -111,7 +110,7 @@ def markdown(results: dict) -> str:
              f"better). Model calls: the search's, its {DEFAULT_TEACHER_STEPS}-call teacher included, on "
              f"{DEFAULT_SEARCH_SAMPLES} images each. \"stop 23\": {STOPS_23_TO_25_BUDGET} / NFE moves by log steps "
              f"{' then '.join(map(str, DEFAULT_LOG_STEPS))}, without the warm start; \"stop 24\": the same with the "
-             f"warm start and {STOPS_23_TO_25_BUDGET * WARM_START_DESCENT_BUDGET / BOUNDED_DESCENT_BUDGET:g} / NFE "
+             f"warm start and {warm_start_budget(STOPS_23_TO_25_BUDGET):g} / NFE "
              f"moves after it (none at NFE 3); \"stop 25\": the default since stop 25, stop 24's by log step "
              f"{DEFAULT_LOG_STEPS[-1]} only.", "",
              "| model | search | model calls | " + " | ".join(f"NFE {nfe}" for nfe in NFES) + " |",

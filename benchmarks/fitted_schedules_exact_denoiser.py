@@ -47,10 +47,10 @@ from qac_diffusers.schedulers.schedule_fitting import (
     DEFAULT_LOG_STEPS,
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_VALIDATION_SAMPLES,
-    WARM_START_DESCENT_BUDGET,
     karras_starts,
     pixel_features,
     search_schedules,
+    warm_start_budget,
 )
 
 
@@ -136,7 +136,6 @@ def main() -> None:
                     for name in ("karras", "fitted", "bounded")
                 ) + f", kept {kept}", flush=True)
     budget_flag = "" if args.bounded_budget == BOUNDED_DESCENT_BUDGET else f" --bounded_budget {args.bounded_budget}"
-    warm_start_budget = args.bounded_budget * WARM_START_DESCENT_BUDGET / BOUNDED_DESCENT_BUDGET
     lines = [
         "# Fitted schedules on exact denoisers: iPNDM (AFS, fixed weights) on fitted vs Karras schedules", "",
         f"Command: `python benchmarks/fitted_schedules_exact_denoiser.py{budget_flag}` "
@@ -145,7 +144,7 @@ def main() -> None:
         "elsewhere the row repeats Karras; 'fitted': `search=\"descent\"`, the full search; 'bounded': the default "
         "search, the descent from the closest start (the fit for one NFE fewer stretched to one more point among "
         f"them) by log step {DEFAULT_LOG_STEPS[-1]}, stopped after {args.bounded_budget} / NFE moves "
-        f"({warm_start_budget:g} after the warm start)), "
+        f"({warm_start_budget(args.bounded_budget):g} after the warm start)), "
         "evaluated on "
         f"{args.eval_samples} others against the converged solution of the same ODE at sigma_min. RMS: per-sample "
         "error; FD: Frechet distance of the pixels (clamped to [-1, 1]) to the converged samples. Lower is better.",

@@ -469,15 +469,22 @@ def _fit_one(distance, starts: list[list[float]], below: list[float] | None, log
     return fitted
 
 
+def warm_start_budget(bounded_budget: int = BOUNDED_DESCENT_BUDGET) -> float:
+    """
+    The bounded search's moves times the NFE where a warm start was scored: `bounded_budget` times
+    `WARM_START_DESCENT_BUDGET` / `BOUNDED_DESCENT_BUDGET` (40 / 52; 40 for the default).
+    """
+    return bounded_budget * WARM_START_DESCENT_BUDGET / BOUNDED_DESCENT_BUDGET
+
+
 def bounded_descent_trials(
     num_inference_steps: int, warm_start: bool = False, bounded_budget: int = BOUNDED_DESCENT_BUDGET
 ) -> int:
     """
     The moved schedules the bounded search scores at `num_inference_steps` calls: `bounded_budget` / NFE, or, where a
-    `warm_start` was scored among the starts, `bounded_budget` times `WARM_START_DESCENT_BUDGET` /
-    `BOUNDED_DESCENT_BUDGET` (40 / 52) / NFE; at least one.
+    `warm_start` was scored among the starts, [`warm_start_budget`] / NFE; at least one.
     """
-    moves = bounded_budget * WARM_START_DESCENT_BUDGET / BOUNDED_DESCENT_BUDGET if warm_start else bounded_budget
+    moves = warm_start_budget(bounded_budget) if warm_start else bounded_budget
     return max(1, round(moves / num_inference_steps))
 
 
