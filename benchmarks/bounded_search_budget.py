@@ -18,7 +18,6 @@ fitted_schedules.py's keys, so that a schedule measured by either script is not 
 """
 
 import argparse
-import functools
 import json
 from pathlib import Path
 
@@ -27,7 +26,6 @@ import fitted_schedules as fs
 import numpy as np
 
 from qac_diffusers import QACPipeline
-from qac_diffusers.metrics import extract_features
 from qac_diffusers.schedulers import solver_from_config
 from qac_diffusers.schedulers.schedule_fitting import BOUNDED_DESCENT_BUDGET, DEFAULT_TEACHER_STEPS
 
@@ -52,13 +50,7 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
     pipe = QACPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
     karras = pipe.scheduler
-
-    @functools.cache
-    def teacher():  # the fit's teacher from the benchmark's noise and codes, sampled only if a measurement needs it
-        teacher_scheduler = solver_from_config("ipndm_variable", karras.config)
-        images = fs.scheduler_images(pipe, teacher_scheduler, args.num_samples, DEFAULT_TEACHER_STEPS, seed)
-        return images, extract_features(classifier, images)
-
+    teacher = fs.teacher_samples(args, pipe, solver_from_config("ipndm_variable", karras.config), seed, classifier)
     results = {}
     for budget in args.budgets:
         folder, settings = budget_fit(budget)
@@ -77,8 +69,7 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
 
 def rises_beyond(fd: dict, nfes: list[int], noise: float) -> list[str]:
     """'NFE low->high: +rise' for each step up in NFE where `fd` rises by more than `noise`."""
-    return [f"{low}->{high}: +{fd[high] - fd[low]:.2f}" for low, high in zip(nfes, nfes[1:])
-            if fd[high] - fd[low] > noise]
+    return [f"{low}->{high}: +{rise:.2f}" for low, high, rise in fs.rises(fd, nfes) if rise > noise]
 
 
 def markdown(args, results: dict, accuracy: float) -> str:

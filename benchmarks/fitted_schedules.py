@@ -163,13 +163,7 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
         args, model_dir, pipe, seed, bounded, BOUNDED, classifier, heldout_features, FIT_FOLDERS[BOUNDED]
     )
     results["fd"][BOUNDED] = results["bounded"]["fd"][BOUNDED]
-    teacher_scheduler, (teacher_nfe,) = samplers[TEACHER]
-
-    @functools.cache
-    def teacher() -> tuple[torch.Tensor, torch.Tensor]:  # sampled only if a measurement needs it
-        images = scheduler_images(pipe, teacher_scheduler, args.num_samples, teacher_nfe, seed)
-        return images, extract_features(classifier, images)
-
+    teacher = teacher_samples(args, pipe, samplers[TEACHER][0], seed, classifier)
     results.update(teacher_comparisons(args, model_dir, pipe, seed, {**samplers, **bounded}, classifier, spaces,
                                        teacher))
     everywhere = {CLASSIFIER: (classifier, heldout_features), **spaces}
@@ -178,6 +172,19 @@ def measure_model(args, model_dir: Path, seed: int, classifier, heldout_features
     key = f"teacher pixel frechet_distance to {4 * DEFAULT_TEACHER_STEPS} calls {TEACHER_CHECK_DRAWS} draws"
     results["teacher_error"] = few_step.cached(model_dir, key, teacher_error, pipe)
     return results
+
+
+def teacher_samples(args, pipe: QACPipeline, teacher_scheduler, seed: int, classifier):
+    """
+    A function returning the teacher's `args.num_samples` images (at `DEFAULT_TEACHER_STEPS` calls, the benchmark's
+    noise and codes) and their classifier features, sampled on its first call only: when a measurement is not cached.
+    """
+    @functools.cache
+    def teacher() -> tuple[torch.Tensor, torch.Tensor]:
+        images = scheduler_images(pipe, teacher_scheduler, args.num_samples, DEFAULT_TEACHER_STEPS, seed)
+        return images, extract_features(classifier, images)
+
+    return teacher
 
 
 def teacher_comparisons(args, model_dir: Path, pipe: QACPipeline, seed: int, samplers: dict, classifier, spaces: dict,
@@ -322,10 +329,9 @@ def sampling_noise(model_results: list[dict], nfes: list[int], fitted: str = FIT
     return float(np.sqrt(np.mean(variances)))
 
 
-def rises(result: dict, nfes: list[int], fitted: str = FITTED) -> list[tuple[int, float]]:
-    """(NFE, rise) for each step up in NFE where the fitted FD rises."""
-    fd = result["fd"][fitted]
-    return [(low, fd[high] - fd[low]) for low, high in zip(nfes, nfes[1:]) if fd[high] > fd[low]]
+def rises(fd: dict, nfes: list[int]) -> list[tuple[int, int, float]]:
+    """(NFE, next NFE, rise) for each step up in `nfes` where the FD (`fd[nfe]`) rises."""
+    return [(low, high, fd[high] - fd[low]) for low, high in zip(nfes, nfes[1:]) if fd[high] > fd[low]]
 
 
 def markdown(args, results: dict, moon: dict, floor: float, accuracy: float) -> str:
@@ -405,9 +411,9 @@ def no_hole_lines(args, runs: list[dict], fitted: str) -> list[str]:
     lines = [f"Sampling noise of the {fitted} FD (pooled std over {args.resample_seeds + 1} sampling seeds): "
              f"{noise:.2f}."]
     for seed, run in zip(args.seeds, runs):
-        found = rises(run, args.nfe, fitted)
-        text = ", ".join(f"NFE {low}->{low + 1}: +{rise:.2f}" for low, rise in found) or "none"
-        beyond = [sum(rise > factor * noise for _, rise in found) for factor in (1, 2)]
+        found = rises(run["fd"][fitted], args.nfe)
+        text = ", ".join(f"NFE {low}->{high}: +{rise:.2f}" for low, high, rise in found) or "none"
+        beyond = [sum(rise > factor * noise for _, _, rise in found) for factor in (1, 2)]
         lines.append(f"- seed {seed}: {fitted} FD rises with NFE: {text}; beyond the noise: {beyond[0]}, beyond 2x "
                      f"the noise: {beyond[1]}.")
     return lines
