@@ -92,7 +92,8 @@ def markdown(args, results: dict, accuracy: float) -> str:
     ]
     for model in args.models:
         runs = results[model]
-        header = "| budget | " + " | ".join(f"NFE {nfe}" for nfe in args.nfe) + " |"
+        header = ["| budget | " + " | ".join(f"NFE {nfe}" for nfe in args.nfe) + " |",
+                  "|---" * (len(args.nfe) + 1) + "|"]
         fd_rows, teacher_rows, contrast_rows, rise_lines = [], [], [], []
         for budget in args.budgets:
             fits = [run[budget] for run in runs]
@@ -110,12 +111,10 @@ def markdown(args, results: dict, accuracy: float) -> str:
                 found = [f"seed {seed} " + ", ".join(rises) for seed, rises in by_seed.items() if rises]
                 rise_lines.append(f"- budget {budget}, {sampling} sampling seed (noise {noise:.2f}): rises beyond "
                                   f"the noise: {'; '.join(found) or 'none'}.")
-        lines += [f"## {model}", "", "FD to the data:", "", header, "|---" * (len(args.nfe) + 1) + "|", *fd_rows,
-                  "", *rise_lines, "", "FD to the converged sampler (the fit's teacher, "
-                  f"{DEFAULT_TEACHER_STEPS} calls) from the same noise and codes:", "", header,
-                  "|---" * (len(args.nfe) + 1) + "|", *teacher_rows, "",
-                  "Contrast against the converged sampler (mean over seeds):", "", header,
-                  "|---" * (len(args.nfe) + 1) + "|", *contrast_rows, ""]
+        lines += [f"## {model}", "", "FD to the data:", "", *header, *fd_rows, "", *rise_lines, "",
+                  f"FD to the converged sampler (the fit's teacher, {DEFAULT_TEACHER_STEPS} calls) from the same "
+                  "noise and codes:", "", *header, *teacher_rows, "",
+                  "Contrast against the converged sampler (mean over seeds):", "", *header, *contrast_rows, ""]
     return "\n".join(lines + cost_lines(args, results)) + "\n"
 
 
